@@ -1,0 +1,13 @@
+//! Portcullis agent library: everything `main.rs` wires together, exposed so
+//! integration tests and benchmarks can drive the same code.
+
+pub mod btf;
+pub mod cgroup;
+pub mod compile;
+pub mod daemon;
+pub mod events;
+pub mod identity;
+pub mod loader;
+pub mod maps;
+pub mod metrics;
+pub mod policy;
