@@ -1,5 +1,21 @@
+//! Portcullis kernel programs. Hooks live in `probes/` (one file per
+//! family), maps in `maps.rs`, the shared decision logic in `decision.rs`
+//! and `inode.rs`, identity lookup in `identity.rs`.
 #![no_std]
 #![no_main]
+
+mod decision;
+mod identity;
+mod inode;
+mod kernel;
+mod maps;
+mod probes;
+
+/// GPL-compatible: bpf_probe_read_kernel and bpf_send_signal are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -1,0 +1,72 @@
+//! Every map the programs share with the agent. Names are the `MAP_*`
+//! constants of `portcullis-common` (the static's name is the map name).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use portcullis_common::{
+    COUNTERS as COUNTER_SLOTS, DECISION_SLOTS, IdentityConfig, InodeKey, InodeRuleSet,
+    NET_KEY_DATA_LEN, NetRuleSet, decision_index,
+};
+
+/// cgroup v2 id (inode of the cgroup directory) → workload identity.
+/// Cgroups absent here take their nearest classified ancestor's identity.
+/// Sized by the agent at load time (`MapSizes::identities`).
+#[map]
+pub static IDENTITIES: HashMap<u64, u32> = HashMap::with_max_entries(1, 0);
+
+/// identity → per-action default-deny masks and `HAS_*` flags.
+#[map]
+pub static IDENTITY_CFG: HashMap<u32, IdentityConfig> = HashMap::with_max_entries(1, 0);
+
+/// (identity big-endian ++ IPv6 or IPv4-mapped address, prefix) → port rules
+/// of every CIDR that contains the prefix (the agent flattens them).
+#[map]
+pub static NET_RULES: LpmTrie<[u8; NET_KEY_DATA_LEN], NetRuleSet> =
+    LpmTrie::with_max_entries(1, 0);
+
+/// (identity, dev, ino) of a binary or governed directory → exec rules.
+#[map]
+pub static EXEC_RULES: HashMap<InodeKey, InodeRuleSet> = HashMap::with_max_entries(1, 0);
+
+/// (identity, dev, ino) of a file or governed directory → open rules.
+#[map]
+pub static FILE_RULES: HashMap<InodeKey, InodeRuleSet> = HashMap::with_max_entries(1, 0);
+
+/// (onlyFrom set id in `identity`, dev, ino) of an executable → 1 when that
+/// executable belongs to the set.
+#[map]
+pub static ONLY_FROM: HashMap<InodeKey, u32> = HashMap::with_max_entries(1, 0);
+
+/// `Event` records: deny/audit decisions (and logged allows), cgroup mkdirs.
+/// The agent sets the byte size at load time (`MapSizes::events_bytes`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+/// Internal counters indexed by `COUNTER_*` (lost events, internal errors,
+/// unclassified cgroups), summed over CPUs by the agent.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Decisions indexed by `decision_index(action, verdict)`.
+#[map]
+pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_SLOTS, 0);
+
+/// Adds one to counter `index` (`COUNTER_*`).
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Adds one to the decision counter of (`action`, `verdict`).
+#[inline(always)]
+pub fn count_decision(action: u8, verdict: u8) {
+    if let Some(slot) = DECISIONS.get_ptr_mut(decision_index(action, verdict)) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}

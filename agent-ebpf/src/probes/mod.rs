@@ -1,0 +1,5 @@
+//! One module per hook family.
+pub mod cgroup;
+pub mod connect;
+pub mod exec;
+pub mod file;
