@@ -1,1 +1,522 @@
-//! (being written)
+//! Loading the kernel programs and attaching each hook to the best backend
+//! this kernel offers.
+//!
+//! One table ([`PROGRAMS`]) says, for every program, which hook it is, what
+//! it attaches to, which backend it provides and what to fall back to. Exec
+//! and open prefer BPF-LSM (the syscall fails with EPERM) and fall back to a
+//! BTF tracepoint that SIGKILLs the offender where BPF-LSM is not enabled or
+//! refuses to load (this host: `BPF_PROG_LOAD` returns EPERM for LSM).
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader, Endianness,
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError},
+};
+use portcullis_common::{
+    BACKEND_CGROUP_SOCK_ADDR, BACKEND_LSM, BACKEND_NONE, BACKEND_TRACEPOINT_KILL, GLOBAL_OFFSETS,
+    MAP_EVENTS, MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES,
+    MAP_ONLY_FROM, PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_EXEC_LSM, PROG_EXEC_TP,
+    PROG_OPEN_LSM, PROG_OPEN_TP, PROG_SENDMSG4, PROG_SENDMSG6,
+};
+
+use crate::btf::{self, BtfError};
+
+/// The eBPF object built by `build.rs` (empty under `AYA_BUILD_SKIP`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
+
+const SECURITYFS: &str = "/sys/kernel/security";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("the embedded ebpf object is empty: the agent was built with AYA_BUILD_SKIP")]
+    EmptyObject,
+    #[error(transparent)]
+    Offsets(#[from] BtfError),
+    #[error("parsing kernel btf {path}")]
+    KernelBtf {
+        path: PathBuf,
+        #[source]
+        source: aya::BtfError,
+    },
+    #[error("loading the ebpf object")]
+    Object(#[source] aya::EbpfError),
+    #[error("program {program} is missing from the ebpf object")]
+    MissingProgram { program: &'static str },
+    #[error("program {program} is not a {hook} program")]
+    ProgramType {
+        program: &'static str,
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("loading program {program} for {hook}")]
+    Load {
+        program: &'static str,
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching program {program} to {hook}")]
+    Attach {
+        program: &'static str,
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening cgroup {path} for program {program}")]
+    Cgroup {
+        program: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`load`] needs to know.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// cgroup v2 directory the socket programs attach to (the v2 root).
+    pub cgroup_root: PathBuf,
+    /// Raw BTF of the running kernel.
+    pub btf_path: PathBuf,
+    /// Skip BPF-LSM even where it works (tests the fallback path).
+    pub force_fallback: bool,
+    pub map_sizes: MapSizes,
+}
+
+impl LoadOptions {
+    /// Defaults for a cgroup root: host BTF, LSM when available, default
+    /// map sizes.
+    pub fn new(cgroup_root: impl Into<PathBuf>) -> Self {
+        Self {
+            cgroup_root: cgroup_root.into(),
+            btf_path: PathBuf::from(btf::VMLINUX_BTF),
+            force_fallback: false,
+            map_sizes: MapSizes::default(),
+        }
+    }
+}
+
+/// `max_entries` of the policy maps, and the ring buffer size in bytes (a
+/// power of two, at least a page).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub identities: u32,
+    pub net_rules: u32,
+    pub exec_rules: u32,
+    pub file_rules: u32,
+    pub only_from: u32,
+    pub events_bytes: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            identities: 65536,
+            net_rules: 65536,
+            exec_rules: 262_144,
+            file_rules: 262_144,
+            only_from: 16384,
+            events_bytes: 16 << 20,
+        }
+    }
+}
+
+/// How a hook is enforced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    None,
+    CgroupSockAddr,
+    Lsm,
+    TracepointKill,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::CgroupSockAddr => "cgroup_sock_addr",
+            Self::Lsm => "lsm",
+            Self::TracepointKill => "tracepoint_kill",
+        }
+    }
+
+    /// The `BACKEND_*` value events carry.
+    pub fn wire(self) -> u8 {
+        match self {
+            Self::None => BACKEND_NONE,
+            Self::CgroupSockAddr => BACKEND_CGROUP_SOCK_ADDR,
+            Self::Lsm => BACKEND_LSM,
+            Self::TracepointKill => BACKEND_TRACEPOINT_KILL,
+        }
+    }
+
+    /// Inverse of [`Backend::wire`]; unknown values are `None`.
+    pub fn from_wire(v: u8) -> Self {
+        match v {
+            BACKEND_CGROUP_SOCK_ADDR => Self::CgroupSockAddr,
+            BACKEND_LSM => Self::Lsm,
+            BACKEND_TRACEPOINT_KILL => Self::TracepointKill,
+            _ => Self::None,
+        }
+    }
+}
+
+/// The backend each enforced action ended up on.
+#[derive(Clone, Copy, Debug)]
+pub struct Backends {
+    pub connect: Backend,
+    pub exec: Backend,
+    pub open: Backend,
+}
+
+/// The loaded programs. The links live inside `ebpf` (aya keeps them with
+/// their program): dropping this detaches everything.
+pub struct Kernel {
+    pub ebpf: Ebpf,
+    pub backends: Backends,
+}
+
+/// Where a program attaches.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    /// A cgroup sock_addr program at the cgroup root.
+    SockAddr,
+    /// A BPF-LSM hook.
+    Lsm(&'static str),
+    /// A BTF tracepoint.
+    BtfTracepoint(&'static str),
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Self::SockAddr => "cgroup_sock_addr",
+            Self::Lsm(h) | Self::BtfTracepoint(h) => h,
+        }
+    }
+}
+
+/// Which [`Backends`] field a program serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Connect,
+    Exec,
+    Open,
+    /// Not enforcement (cgroup_mkdir).
+    Observe,
+}
+
+struct ProgramSpec {
+    program: &'static str,
+    hook: Hook,
+    action: Action,
+    backend: Backend,
+    /// Program to use when this one cannot load or attach.
+    fallback: Option<&'static str>,
+    /// Only attached as some other program's fallback.
+    fallback_only: bool,
+}
+
+const fn spec(
+    program: &'static str,
+    hook: Hook,
+    action: Action,
+    backend: Backend,
+    fallback: Option<&'static str>,
+    fallback_only: bool,
+) -> ProgramSpec {
+    ProgramSpec {
+        program,
+        hook,
+        action,
+        backend,
+        fallback,
+        fallback_only,
+    }
+}
+
+/// Every program, its hook, the backend it provides and its fallback.
+const PROGRAMS: &[ProgramSpec] = &[
+    spec(
+        PROG_CONNECT4,
+        Hook::SockAddr,
+        Action::Connect,
+        Backend::CgroupSockAddr,
+        None,
+        false,
+    ),
+    spec(
+        PROG_CONNECT6,
+        Hook::SockAddr,
+        Action::Connect,
+        Backend::CgroupSockAddr,
+        None,
+        false,
+    ),
+    spec(
+        PROG_SENDMSG4,
+        Hook::SockAddr,
+        Action::Connect,
+        Backend::CgroupSockAddr,
+        None,
+        false,
+    ),
+    spec(
+        PROG_SENDMSG6,
+        Hook::SockAddr,
+        Action::Connect,
+        Backend::CgroupSockAddr,
+        None,
+        false,
+    ),
+    spec(
+        PROG_EXEC_LSM,
+        Hook::Lsm("bprm_check_security"),
+        Action::Exec,
+        Backend::Lsm,
+        Some(PROG_EXEC_TP),
+        false,
+    ),
+    spec(
+        PROG_EXEC_TP,
+        Hook::BtfTracepoint("sched_process_exec"),
+        Action::Exec,
+        Backend::TracepointKill,
+        None,
+        true,
+    ),
+    spec(
+        PROG_OPEN_LSM,
+        Hook::Lsm("file_open"),
+        Action::Open,
+        Backend::Lsm,
+        Some(PROG_OPEN_TP),
+        false,
+    ),
+    spec(
+        PROG_OPEN_TP,
+        Hook::BtfTracepoint("sys_exit"),
+        Action::Open,
+        Backend::TracepointKill,
+        None,
+        true,
+    ),
+    spec(
+        PROG_CGROUP_MKDIR,
+        Hook::BtfTracepoint("cgroup_mkdir"),
+        Action::Observe,
+        Backend::None,
+        None,
+        false,
+    ),
+];
+
+/// Loads the programs with offsets from `opts.btf_path` and maps sized by
+/// `opts.map_sizes`, and attaches every hook (see [`PROGRAMS`]). Needs
+/// CAP_BPF/CAP_SYS_ADMIN (root).
+pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
+    if OBJECT.is_empty() {
+        return Err(LoaderError::EmptyObject);
+    }
+    let offsets = btf::kernel_offsets(&opts.btf_path)?;
+    let kbtf = Btf::parse_file(&opts.btf_path, Endianness::default()).map_err(|source| {
+        LoaderError::KernelBtf {
+            path: opts.btf_path.clone(),
+            source,
+        }
+    })?;
+    let s = opts.map_sizes;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&kbtf))
+        .override_global(GLOBAL_OFFSETS, &offsets, true)
+        .map_max_entries(MAP_IDENTITIES, s.identities)
+        // At most one config per identity.
+        .map_max_entries(MAP_IDENTITY_CFG, s.identities)
+        .map_max_entries(MAP_NET_RULES, s.net_rules)
+        .map_max_entries(MAP_EXEC_RULES, s.exec_rules)
+        .map_max_entries(MAP_FILE_RULES, s.file_rules)
+        .map_max_entries(MAP_ONLY_FROM, s.only_from)
+        .map_max_entries(MAP_EVENTS, s.events_bytes)
+        .load(OBJECT)
+        .map_err(LoaderError::Object)?;
+
+    let lsm_enabled = bpf_lsm_enabled();
+    let mut backends = Backends {
+        connect: Backend::None,
+        exec: Backend::None,
+        open: Backend::None,
+    };
+    for spec in PROGRAMS.iter().filter(|s| !s.fallback_only) {
+        let skip_reason = match spec.hook {
+            Hook::Lsm(_) if opts.force_fallback => Some("fallback forced"),
+            Hook::Lsm(_) if !lsm_enabled => Some("bpf is not an active LSM"),
+            _ => None,
+        };
+        let result = match skip_reason {
+            Some(reason) => Err(reason.to_owned()),
+            None => attach(&mut ebpf, spec, opts, &kbtf).map_err(|e| error_chain(&e)),
+        };
+        let used = match (result, spec.fallback) {
+            (Ok(()), _) => spec,
+            (Err(reason), Some(fallback)) => {
+                let fb = PROGRAMS
+                    .iter()
+                    .find(|s| s.program == fallback)
+                    .ok_or(LoaderError::MissingProgram { program: fallback })?;
+                tracing::warn!(
+                    program = spec.program,
+                    hook = spec.hook.name(),
+                    fallback = fb.program,
+                    error = %reason,
+                    "backend {} unavailable, falling back to {}",
+                    spec.backend.as_str(),
+                    fb.backend.as_str(),
+                );
+                attach(&mut ebpf, fb, opts, &kbtf)?;
+                fb
+            }
+            (Err(_), None) => {
+                // Only LSM programs can be skipped, and they all have one.
+                attach(&mut ebpf, spec, opts, &kbtf)?;
+                spec
+            }
+        };
+        match used.action {
+            Action::Connect => backends.connect = used.backend,
+            Action::Exec => backends.exec = used.backend,
+            Action::Open => backends.open = used.backend,
+            Action::Observe => {}
+        }
+        tracing::info!(
+            program = used.program,
+            hook = used.hook.name(),
+            backend = used.backend.as_str(),
+            "attached"
+        );
+    }
+    Ok(Kernel { ebpf, backends })
+}
+
+/// An error with its sources, for a log line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    spec: &ProgramSpec,
+    opts: &LoadOptions,
+    kbtf: &Btf,
+) -> Result<(), LoaderError> {
+    let program = spec.program;
+    let hook = spec.hook.name();
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or(LoaderError::MissingProgram { program })?;
+    let wrong_type = |source| LoaderError::ProgramType {
+        program,
+        hook,
+        source,
+    };
+    let load_err = |source| LoaderError::Load {
+        program,
+        hook,
+        source,
+    };
+    let attach_err = |source| LoaderError::Attach {
+        program,
+        hook,
+        source,
+    };
+    match spec.hook {
+        Hook::SockAddr => {
+            let p: &mut CgroupSockAddr = prog.try_into().map_err(wrong_type)?;
+            p.load().map_err(load_err)?;
+            let cgroup = File::open(&opts.cgroup_root).map_err(|source| LoaderError::Cgroup {
+                program,
+                path: opts.cgroup_root.clone(),
+                source,
+            })?;
+            p.attach(cgroup, CgroupAttachMode::AllowMultiple)
+                .map_err(attach_err)?;
+        }
+        Hook::Lsm(name) => {
+            let p: &mut Lsm = prog.try_into().map_err(wrong_type)?;
+            p.load(name, kbtf).map_err(load_err)?;
+            p.attach().map_err(attach_err)?;
+        }
+        Hook::BtfTracepoint(name) => {
+            let p: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
+            p.load(name, kbtf).map_err(load_err)?;
+            p.attach().map_err(attach_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `bpf` is in the active LSM list (mounting securityfs if needed).
+fn bpf_lsm_enabled() -> bool {
+    let list = Path::new(SECURITYFS).join("lsm");
+    if !list.exists() {
+        let r = nix::mount::mount(
+            Some("securityfs"),
+            SECURITYFS,
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "mounting securityfs at {SECURITYFS}");
+        }
+    }
+    match std::fs::read_to_string(&list) {
+        Ok(s) => s.trim().split(',').any(|l| l == "bpf"),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %list.display(), "cannot read the active LSM list");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_wire_round_trips() {
+        for b in [
+            Backend::None,
+            Backend::CgroupSockAddr,
+            Backend::Lsm,
+            Backend::TracepointKill,
+        ] {
+            assert_eq!(Backend::from_wire(b.wire()), b);
+        }
+        assert_eq!(Backend::TracepointKill.as_str(), "tracepoint_kill");
+    }
+
+    #[test]
+    fn every_fallback_is_in_the_table() {
+        for s in PROGRAMS {
+            if let Some(fb) = s.fallback {
+                let f = PROGRAMS
+                    .iter()
+                    .find(|p| p.program == fb)
+                    .expect("fallback listed");
+                assert!(f.fallback_only && f.action == s.action, "{fb}");
+            }
+        }
+    }
+}
