@@ -1,1 +1,508 @@
-//! (being written)
+//! Compiling validated policies into the contents of the kernel maps.
+//!
+//! Three ideas carry the design:
+//!
+//! - **Identities.** Every cgroup is classified by the set of policies whose
+//!   selector matches it; each distinct set is one numeric identity (as
+//!   Cilium's security identities). Rules are keyed by identity, so the
+//!   kernel does one lookup per decision however many cgroups share a set.
+//! - **Inodes, not path strings.** Exec and file rules are compiled to
+//!   `(dev, ino)` of the files (and, for `dir/**`, of the directory, matched
+//!   by the kernel walking `d_parent`). A symlink, a relative path, `..`,
+//!   `/proc/self/root/...` or a bind mount all reach the same inode, so none
+//!   of them escapes a rule.
+//! - **Per-policy defaults as bit masks.** Each policy selecting an identity
+//!   gets a bit; a `default: deny` policy denies unless one of *its own* allow
+//!   rules matched. So an allow in one policy never widens another policy's
+//!   default-deny (see `precedence` in the README).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv6Addr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use portcullis_common::{
+    ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED,
+    INODE_RULES_PER_KEY, IdentityConfig, InodeKey, InodeRule, InodeRuleSet,
+    MAX_POLICIES_PER_IDENTITY, MODE_AUDIT, MODE_ENFORCE, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX,
+    NetRule as KNetRule, NetRuleSet, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW,
+    VERDICT_DENY,
+};
+
+use crate::policy::{
+    DefaultAction, FileAccess, Mode, NetRule, PathRule, Policy, glob::glob_match,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "{count} policies select cgroup {cgroup} (at most {MAX_POLICIES_PER_IDENTITY}): {policies}"
+    )]
+    TooManyPolicies { cgroup: String, count: usize, policies: String },
+    #[error(
+        "more than {INODE_RULES_PER_KEY} rules name {path} for the workloads of {policies}; merge them"
+    )]
+    TooManyInodeRules { path: String, policies: String },
+    #[error(
+        "more than {NET_RULES_PER_PREFIX} port rules apply to {cidr} for the workloads of {policies}; merge them"
+    )]
+    TooManyNetRules { cidr: String, policies: String },
+    #[error("too many identities")]
+    IdentitySpace,
+}
+
+/// A cgroup as the identity scan saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupInfo {
+    pub id: u64,
+    /// Path relative to the v2 root, starting with `/`.
+    pub path: String,
+}
+
+/// What the decision log needs to name a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub policy: String,
+    /// e.g. `network.egress.deny[0] 169.254.169.254/32`.
+    pub rule: String,
+}
+
+/// Everything the kernel maps hold for one policy generation, plus the
+/// tables that turn kernel ids back into names for the decision log.
+#[derive(Debug, Default, Clone)]
+pub struct Compiled {
+    /// Every known cgroup → identity (unrestricted ones included, so the
+    /// kernel's ancestor walk stops at the nearest known cgroup).
+    pub cgroups: BTreeMap<u64, u32>,
+    pub cgroup_paths: BTreeMap<u64, String>,
+    pub identity_cfg: BTreeMap<u32, IdentityConfig>,
+    /// Identity → indexes into `policies` (bit `i` is `policies[i]`).
+    pub identity_policies: BTreeMap<u32, Vec<usize>>,
+    /// Sorted policy-index set → identity.
+    pub identity_of_set: BTreeMap<Vec<usize>, u32>,
+    /// LPM key (prefix length over identity + address, data) → rules.
+    pub net: BTreeMap<(u32, [u8; NET_KEY_DATA_LEN]), NetRuleSet>,
+    pub exec: BTreeMap<InodeKey, InodeRuleSet>,
+    pub files: BTreeMap<InodeKey, InodeRuleSet>,
+    pub only_from: BTreeSet<InodeKey>,
+    /// `rules[rule_id]`; index 0 is `RULE_ID_DEFAULT`.
+    pub rules: Vec<RuleInfo>,
+    /// Policy names, by index.
+    pub policies: Vec<String>,
+    /// `(dev, ino)` → a path that named it in a policy (for the log).
+    pub inode_paths: BTreeMap<(u32, u64), PathBuf>,
+    /// Non-fatal findings, e.g. a glob that matched no file.
+    pub warnings: Vec<String>,
+    /// See [`Numbering::only_from_base`].
+    pub only_from_base: u32,
+}
+
+impl Compiled {
+    /// Number of entries per kernel map, for metrics and logs.
+    pub fn rule_counts(&self) -> [(&'static str, usize); 5] {
+        [
+            ("identities", self.cgroups.len()),
+            ("net_rules", self.net.len()),
+            ("exec_rules", self.exec.len()),
+            ("file_rules", self.files.len()),
+            ("only_from", self.only_from.len()),
+        ]
+    }
+}
+
+/// Kernel `dev_t` encoding (`MKDEV`: major << 20 | minor), which is what
+/// `inode->i_sb->s_dev` holds; `stat`'s `st_dev` uses glibc's encoding.
+pub fn kernel_dev(st_dev: u64) -> u32 {
+    let (major, minor) = (nix::sys::stat::major(st_dev), nix::sys::stat::minor(st_dev));
+    ((major as u32) << 20) | (minor as u32 & 0xfffff)
+}
+
+/// A file or directory a path glob resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedPath {
+    pub path: PathBuf,
+    pub dev: u32,
+    pub ino: u64,
+    /// The rule covers everything below this directory (`dir/**`).
+    pub subtree: bool,
+}
+
+/// Resolves an absolute path glob against the live filesystem, following
+/// symlinks (so `/usr/bin/python3` → the inode of `python3.11`). `**` may
+/// only be the last segment (validation guarantees it).
+pub fn resolve_glob(pattern: &str) -> Vec<ResolvedPath> {
+    let segments: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
+    let (segments, subtree) = match segments.split_last() {
+        Some((&"**", rest)) => (rest.to_vec(), true),
+        _ => (segments, false),
+    };
+    let mut current = vec![PathBuf::from("/")];
+    for seg in segments {
+        let mut next = Vec::new();
+        for dir in &current {
+            if !seg.contains(['*', '?', '[']) {
+                let p = dir.join(seg);
+                if p.symlink_metadata().is_ok() {
+                    next.push(p);
+                }
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let mut names: Vec<_> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| glob_match(&format!("/{seg}"), &format!("/{name}")))
+                .collect();
+            names.sort();
+            next.extend(names.into_iter().map(|n| dir.join(n)));
+        }
+        current = next;
+    }
+    current
+        .into_iter()
+        .filter_map(|path| {
+            let meta = std::fs::metadata(&path).ok()?;
+            Some(ResolvedPath { dev: kernel_dev(meta.dev()), ino: meta.ino(), subtree, path })
+        })
+        .collect()
+}
+
+/// Which policies select a cgroup (indexes into `policies`).
+pub fn select(policies: &[Policy], cgroup_path: &str) -> Vec<usize> {
+    policies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            let s = &p.selector;
+            let path_ok = s.cgroup_path.as_deref().is_none_or(|g| glob_match(g, cgroup_path));
+            let unit_ok = s.systemd_unit.as_deref().is_none_or(|g| {
+                crate::cgroup::systemd_unit(cgroup_path)
+                    .is_some_and(|unit| glob_match(&format!("/{g}"), &format!("/{unit}")))
+            });
+            path_ok && unit_ok && (s.cgroup_path.is_some() || s.systemd_unit.is_some())
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// A policy's rules with globs resolved and CIDRs split per port range,
+/// independent of any identity (so each is resolved once per compile).
+struct PolicyRules {
+    mode: u8,
+    exec: Vec<(ResolvedPath, u32 /* allow mask */, u32 /* rule id */)>,
+    files: Vec<(ResolvedPath, u32, Vec<ResolvedPath>, u32)>,
+    net: Vec<(Ipv6Addr, u8, KNetRule)>,
+    cfg: IdentityConfig,
+}
+
+struct Builder<'a> {
+    out: Compiled,
+    policies: &'a [Policy],
+}
+
+impl Builder<'_> {
+    fn rule(&mut self, policy: &Policy, rule: String) -> u32 {
+        self.out.rules.push(RuleInfo { policy: policy.name.clone(), rule });
+        (self.out.rules.len() - 1) as u32
+    }
+
+    fn resolve(&mut self, policy: &Policy, rule: &PathRule) -> Vec<ResolvedPath> {
+        let found = resolve_glob(&rule.pattern);
+        if found.is_empty() {
+            self.out.warnings.push(format!(
+                "{}:{}: policy {}: path {} matches no file now; it is re-resolved on every reload",
+                policy.source.display(),
+                rule.line,
+                policy.name,
+                rule.pattern
+            ));
+        }
+        for r in &found {
+            self.out.inode_paths.entry((r.dev, r.ino)).or_insert_with(|| r.path.clone());
+        }
+        found
+    }
+
+    fn policy_rules(&mut self, policy: &Policy) -> PolicyRules {
+        let mode = match policy.mode {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::Audit => MODE_AUDIT,
+        };
+        let mut pr = PolicyRules {
+            mode,
+            exec: vec![],
+            files: vec![],
+            net: vec![],
+            cfg: IdentityConfig::default(),
+        };
+        if let Some(exec) = &policy.exec {
+            pr.cfg.flags |= HAS_EXEC;
+            pr.cfg.exec_deny_enforce = (exec.default == DefaultAction::Deny) as u32;
+            for (list, mask, name) in [(&exec.allow, ACCESS_EXEC, "allow"), (&exec.deny, 0, "deny")] {
+                for (i, r) in list.iter().enumerate() {
+                    let id = self.rule(policy, format!("exec.{name}[{i}] {}", r.pattern));
+                    for resolved in self.resolve(policy, r) {
+                        pr.exec.push((resolved, mask, id));
+                    }
+                }
+            }
+        }
+        if let Some(egress) = &policy.egress {
+            pr.cfg.flags |= HAS_NET;
+            pr.cfg.net_deny_enforce = (egress.default == DefaultAction::Deny) as u32;
+            for (list, verdict, name) in
+                [(&egress.allow, VERDICT_ALLOW, "allow"), (&egress.deny, VERDICT_DENY, "deny")]
+            {
+                for (i, r) in list.iter().enumerate() {
+                    let id = self.rule(policy, format!("network.egress.{name}[{i}] {}", r.text));
+                    pr.net.extend(net_entries(r, verdict, mode, id));
+                }
+            }
+        }
+        for (i, f) in policy.files.iter().enumerate() {
+            pr.cfg.flags |= HAS_FILES;
+            let id = self.rule(policy, format!("files[{i}] {}", f.path.pattern));
+            let mask = match f.access {
+                FileAccess::None => 0,
+                FileAccess::Read => ACCESS_READ,
+                FileAccess::ReadWrite => ACCESS_READ | ACCESS_WRITE,
+            };
+            let only: Vec<ResolvedPath> =
+                f.only_from.iter().flat_map(|b| self.resolve(policy, b)).collect();
+            if !f.only_from.is_empty() && only.is_empty() {
+                self.out.warnings.push(format!(
+                    "policy {}: files[{i}] onlyFrom matches no executable: nobody gets access",
+                    policy.name
+                ));
+            }
+            for resolved in self.resolve(policy, &f.path) {
+                pr.files.push((resolved, mask, only.clone(), id));
+            }
+        }
+        if policy.mode == Mode::Audit {
+            pr.cfg.exec_deny_audit = pr.cfg.exec_deny_enforce;
+            pr.cfg.net_deny_audit = pr.cfg.net_deny_enforce;
+            pr.cfg.exec_deny_enforce = 0;
+            pr.cfg.net_deny_enforce = 0;
+        }
+        pr
+    }
+}
+
+fn net_entries(r: &NetRule, verdict: u8, mode: u8, rule_id: u32) -> Vec<(Ipv6Addr, u8, KNetRule)> {
+    let ports: Vec<(u16, u16)> =
+        if r.ports.is_empty() { vec![(0, u16::MAX)] } else { r.ports.clone() };
+    ports
+        .into_iter()
+        .map(|(lo, hi)| {
+            let rule = KNetRule {
+                port_lo: lo,
+                port_hi: hi,
+                proto: r.protocol.unwrap_or(0),
+                verdict,
+                mode,
+                policy_bit: 0,
+                rule_id,
+                flags: if r.log { RULE_LOG_ALLOW } else { 0 },
+            };
+            (r.addr, r.prefix_len, rule)
+        })
+        .collect()
+}
+
+fn in_prefix(addr: Ipv6Addr, net: Ipv6Addr, len: u8) -> bool {
+    let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+    u128::from(addr) & mask == u128::from(net) & mask
+}
+
+fn cidr_text(addr: Ipv6Addr, len: u8) -> String {
+    match addr.to_ipv4_mapped() {
+        Some(v4) if len >= 96 => format!("{v4}/{}", len - 96),
+        _ => format!("{addr}/{len}"),
+    }
+}
+
+/// Numbering of one policy generation. Two generations are in the kernel at
+/// once during a swap (see `maps.rs`), so their numbers must not overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Numbering {
+    /// First identity number to hand out.
+    pub first_identity: u32,
+    /// Added to a rule id to make its onlyFrom set id.
+    pub only_from_base: u32,
+}
+
+/// Compiles `policies` for the cgroups in `cgroups`.
+pub fn compile(
+    policies: &[Policy],
+    cgroups: &[CgroupInfo],
+    numbering: Numbering,
+) -> Result<Compiled, CompileError> {
+    let first_identity = numbering.first_identity;
+    let mut b = Builder { out: Compiled::default(), policies };
+    b.out.only_from_base = numbering.only_from_base;
+    b.out.rules.push(RuleInfo { policy: String::new(), rule: "default".into() });
+    debug_assert_eq!(b.out.rules.len() - 1, RULE_ID_DEFAULT as usize);
+    b.out.policies = policies.iter().map(|p| p.name.clone()).collect();
+    let per_policy: Vec<PolicyRules> = policies.iter().map(|p| b.policy_rules(p)).collect();
+
+    let mut next = first_identity.max(1);
+    for cg in cgroups {
+        let set = select(b.policies, &cg.path);
+        b.out.cgroup_paths.insert(cg.id, cg.path.clone());
+        if set.is_empty() {
+            b.out.cgroups.insert(cg.id, IDENTITY_UNRESTRICTED);
+            continue;
+        }
+        if set.len() > MAX_POLICIES_PER_IDENTITY as usize {
+            return Err(CompileError::TooManyPolicies {
+                cgroup: cg.path.clone(),
+                count: set.len(),
+                policies: names(policies, &set),
+            });
+        }
+        let identity = match b.out.identity_of_set.get(&set) {
+            Some(&id) => id,
+            None => {
+                let id = next;
+                next = next.checked_add(1).ok_or(CompileError::IdentitySpace)?;
+                emit_identity(&mut b.out, policies, &per_policy, &set, id)?;
+                b.out.identity_of_set.insert(set, id);
+                id
+            }
+        };
+        b.out.cgroups.insert(cg.id, identity);
+    }
+    Ok(b.out)
+}
+
+/// Compiles one more identity (a policy set first seen on a cgroup created
+/// after the last full compile) into `out`, re-resolving that set's rules.
+pub fn add_identity(
+    out: &mut Compiled,
+    policies: &[Policy],
+    set: &[usize],
+    identity: u32,
+) -> Result<(), CompileError> {
+    let mut b = Builder { out: std::mem::take(out), policies };
+    let per_policy: Vec<PolicyRules> = policies.iter().map(|p| b.policy_rules(p)).collect();
+    let result = emit_identity(&mut b.out, policies, &per_policy, set, identity);
+    if result.is_ok() {
+        b.out.identity_of_set.insert(set.to_vec(), identity);
+    }
+    *out = b.out;
+    result
+}
+
+fn names(policies: &[Policy], set: &[usize]) -> String {
+    set.iter().map(|&i| policies[i].name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn emit_identity(
+    out: &mut Compiled,
+    policies: &[Policy],
+    per_policy: &[PolicyRules],
+    set: &[usize],
+    identity: u32,
+) -> Result<(), CompileError> {
+    let mut cfg = IdentityConfig::default();
+    let mut net: BTreeMap<(u8, Ipv6Addr), Vec<KNetRule>> = BTreeMap::new();
+    for (bit, &pi) in set.iter().enumerate() {
+        let pr = &per_policy[pi];
+        let shift = |m: u32| m << bit;
+        cfg.exec_deny_enforce |= shift(pr.cfg.exec_deny_enforce);
+        cfg.exec_deny_audit |= shift(pr.cfg.exec_deny_audit);
+        cfg.net_deny_enforce |= shift(pr.cfg.net_deny_enforce);
+        cfg.net_deny_audit |= shift(pr.cfg.net_deny_audit);
+        cfg.flags |= pr.cfg.flags;
+        let rule = |allow_mask, only_from, subtree: bool, rule_id| InodeRule {
+            allow_mask,
+            only_from,
+            flags: if subtree { RULE_SUBTREE } else { 0 },
+            rule_id,
+            mode: pr.mode,
+            policy_bit: bit as u8,
+            _pad: [0; 2],
+        };
+        for (r, mask, id) in &pr.exec {
+            let key = InodeKey { identity, dev: r.dev, ino: r.ino };
+            push_inode(&mut out.exec, key, rule(*mask, 0, r.subtree, *id), &r.path, policies, set)?;
+        }
+        for (r, mask, only, id) in &pr.files {
+            let only_from = if only.is_empty() {
+                0
+            } else {
+                // One set per rule: the rule id, made unique per generation.
+                let set_id = out.only_from_base + id;
+                for b in only {
+                    out.only_from.insert(InodeKey { identity: set_id, dev: b.dev, ino: b.ino });
+                }
+                set_id
+            };
+            let key = InodeKey { identity, dev: r.dev, ino: r.ino };
+            push_inode(&mut out.files, key, rule(*mask, only_from, r.subtree, *id), &r.path, policies, set)?;
+        }
+        for (addr, len, r) in &pr.net {
+            net.entry((*len, *addr)).or_default().push(KNetRule { policy_bit: bit as u8, ..*r });
+        }
+    }
+    // Flatten: every prefix also carries the rules of the shorter prefixes
+    // that contain it, so the kernel's single longest-prefix match sees all.
+    for &(len, addr) in net.keys() {
+        let mut all: Vec<KNetRule> = net
+            .iter()
+            .filter(|&(&(l, a), _)| l <= len && in_prefix(addr, a, l))
+            .flat_map(|(_, r)| r.iter().copied())
+            .collect();
+        // Denies first: the kernel stops at the first enforce deny.
+        all.sort_by_key(|r| (r.verdict != VERDICT_DENY, r.mode != MODE_ENFORCE));
+        if all.len() > NET_RULES_PER_PREFIX {
+            return Err(CompileError::TooManyNetRules {
+                cidr: cidr_text(addr, len),
+                policies: names(policies, set),
+            });
+        }
+        let mut value = NetRuleSet { count: all.len() as u32, ..Default::default() };
+        value.rules[..all.len()].copy_from_slice(&all);
+        out.net.insert(net_key(identity, addr, len), value);
+    }
+    out.identity_cfg.insert(identity, cfg);
+    out.identity_policies.insert(identity, set.to_vec());
+    Ok(())
+}
+
+fn push_inode(
+    map: &mut BTreeMap<InodeKey, InodeRuleSet>,
+    key: InodeKey,
+    rule: InodeRule,
+    path: &Path,
+    policies: &[Policy],
+    set: &[usize],
+) -> Result<(), CompileError> {
+    let entry = map.entry(key).or_default();
+    if entry.rules[..entry.count as usize].contains(&rule) {
+        return Ok(());
+    }
+    if entry.count as usize == INODE_RULES_PER_KEY {
+        return Err(CompileError::TooManyInodeRules {
+            path: path.display().to_string(),
+            policies: names(policies, set),
+        });
+    }
+    entry.rules[entry.count as usize] = rule;
+    entry.count += 1;
+    Ok(())
+}
+
+/// The LPM trie key for `addr/len` (over 128 bits) of `identity`.
+pub fn net_key(identity: u32, addr: Ipv6Addr, len: u8) -> (u32, [u8; NET_KEY_DATA_LEN]) {
+    let mut data = [0u8; NET_KEY_DATA_LEN];
+    data[..4].copy_from_slice(&identity.to_be_bytes());
+    data[4..].copy_from_slice(&addr.octets());
+    (32 + u32::from(len), data)
+}
+
+#[cfg(test)]
+mod tests;

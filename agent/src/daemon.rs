@@ -1,1 +1,343 @@
-//! (being written)
+//! The running agent: loads the programs, applies policy, classifies
+//! cgroups as they appear, reloads on change, and streams decisions.
+//!
+//! One task (this one) owns the policy maps and every change to them; the
+//! ring-buffer reader and the metrics endpoint run beside it and only read.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{PerCpuArray, RingBuf};
+use portcullis_common::{MAP_COUNTERS, MAP_DECISIONS, MAP_EVENTS};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    cgroup,
+    compile::{self, CgroupInfo, Compiled, Numbering},
+    events::{self, ReaderStats, Sink},
+    identity,
+    loader::{self, LoadOptions, MapSizes},
+    maps::PolicyMaps,
+    metrics::{self, KernelCounters, Metrics},
+    policy::{self, Policy},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{count} error(s) in the policy files; nothing was loaded")]
+    InvalidPolicy { count: usize },
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
+    #[error(transparent)]
+    Compile(#[from] compile::CompileError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Events(#[from] events::EventsError),
+    #[error("map {name} is missing or of the wrong type")]
+    Map { name: &'static str },
+    #[error("installing the {0} signal handler")]
+    Signal(&'static str, #[source] std::io::Error),
+}
+
+/// How the agent runs (`portcullis run` flags).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Policy files and directories.
+    pub policy_paths: Vec<PathBuf>,
+    pub metrics_addr: SocketAddr,
+    /// Decision log file; stdout when `None`.
+    pub decisions_file: Option<PathBuf>,
+    /// Use the tracepoint backends even where BPF-LSM works.
+    pub force_fallback: bool,
+    /// How often policy files are checked for changes.
+    pub watch_interval: Duration,
+    /// How often the cgroup tree is rescanned (safety net for lost
+    /// `cgroup_mkdir` events).
+    pub rescan_interval: Duration,
+}
+
+/// The policy generation in force and what owns it.
+struct State {
+    root: PathBuf,
+    policies: Vec<Policy>,
+    compiled: Arc<Compiled>,
+    names: events::SharedNames,
+    maps: PolicyMaps,
+    next_identity: u32,
+    /// Alternates so two live generations never share onlyFrom set ids.
+    generation: u32,
+    metrics: Arc<Metrics>,
+    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    paths: Vec<PathBuf>,
+}
+
+fn log_policy_errors(errors: &[policy::PolicyError]) {
+    for e in errors {
+        tracing::error!(file = %e.file.display(), line = e.line, column = e.column, field = %e.field, "{e}");
+    }
+}
+
+/// Modification times and sizes of every policy file, to notice edits
+/// (including files added to or removed from a policy directory).
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let mut files = Vec::new();
+    for p in paths {
+        match std::fs::read_dir(p) {
+            Ok(entries) => files.extend(entries.filter_map(|e| e.ok()).map(|e| e.path())),
+            Err(_) => files.push(p.clone()),
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let mtime = meta.as_ref().and_then(|m| m.modified().ok());
+            (f, mtime, meta.map(|m| m.len()).unwrap_or(0))
+        })
+        .collect()
+}
+
+impl State {
+    fn numbering(&self) -> Numbering {
+        Numbering {
+            first_identity: self.next_identity,
+            only_from_base: if self.generation % 2 == 0 { 1 << 30 } else { 2 << 30 },
+        }
+    }
+
+    fn publish(&mut self, compiled: Compiled) {
+        for w in &compiled.warnings {
+            tracing::warn!("{w}");
+        }
+        self.next_identity = compiled.identity_cfg.keys().max().map_or(self.next_identity, |m| m + 1);
+        self.compiled = Arc::new(compiled);
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&self.compiled);
+        let sizes = MapSizes::default();
+        for ((name, n), cap) in self.compiled.rule_counts().into_iter().zip([
+            sizes.identities,
+            sizes.net_rules,
+            sizes.exec_rules,
+            sizes.file_rules,
+            sizes.only_from,
+        ]) {
+            self.metrics.set_map(name, n, cap);
+        }
+        self.metrics.policies.set(self.policies.len() as i64);
+    }
+
+    /// Loads, compiles and swaps in the policy files; on any error the
+    /// generation in force stays untouched.
+    fn reload(&mut self, why: &str) {
+        self.fingerprint = fingerprint(&self.paths);
+        let policies = match policy::load_paths(&self.paths) {
+            Ok(p) => p,
+            Err(errors) => {
+                log_policy_errors(&errors);
+                tracing::error!(
+                    reason = why,
+                    errors = errors.len(),
+                    "policy reload rejected; the policy in force stays"
+                );
+                self.metrics.reload(false);
+                return;
+            }
+        };
+        let cgroups = identity::scan(&self.root);
+        self.generation += 1;
+        let result = compile::compile(&policies, &cgroups, self.numbering())
+            .map_err(DaemonError::from)
+            .and_then(|new| {
+                self.maps.apply(Some(&self.compiled), &new)?;
+                Ok(new)
+            });
+        match result {
+            Ok(new) => {
+                let old: Vec<&str> = self.policies.iter().map(|p| p.name.as_str()).collect();
+                let now: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
+                let added: Vec<&str> = now.iter().filter(|n| !old.contains(n)).copied().collect();
+                let removed: Vec<&str> = old.iter().filter(|n| !now.contains(n)).copied().collect();
+                tracing::info!(
+                    reason = why,
+                    policies = now.len(),
+                    ?added,
+                    ?removed,
+                    rules_before = self.compiled.rules.len().saturating_sub(1),
+                    rules_after = new.rules.len().saturating_sub(1),
+                    identities = new.identity_cfg.len(),
+                    cgroups = new.cgroups.len(),
+                    "policy applied"
+                );
+                self.policies = policies;
+                self.publish(new);
+                self.metrics.reload(true);
+            }
+            Err(e) => {
+                tracing::error!(reason = why, error = %e, "policy reload rejected; the policy in force stays");
+                self.metrics.reload(false);
+            }
+        }
+    }
+
+    /// Classifies one cgroup created since the last full compile.
+    fn classify(&mut self, cg: CgroupInfo) {
+        if self.compiled.cgroups.contains_key(&cg.id) {
+            return;
+        }
+        let set = compile::select(&self.policies, &cg.path);
+        let mut compiled = (*self.compiled).clone();
+        let identity = if set.is_empty() {
+            portcullis_common::IDENTITY_UNRESTRICTED
+        } else if let Some(&id) = compiled.identity_of_set.get(&set) {
+            id
+        } else {
+            let id = self.next_identity;
+            if let Err(e) = compile::add_identity(&mut compiled, &self.policies, &set, id)
+                .map_err(DaemonError::from)
+                .and_then(|()| Ok(self.maps.add_identities(&self.compiled, &compiled)?))
+            {
+                tracing::error!(cgroup = %cg.path, error = %e, "cannot classify new cgroup; it keeps its parent's identity");
+                return;
+            }
+            id
+        };
+        if let Err(e) = self.maps.set_cgroup(cg.id, identity) {
+            tracing::error!(cgroup = %cg.path, error = %e, "cannot classify new cgroup");
+            return;
+        }
+        tracing::debug!(cgroup = %cg.path, identity, "classified new cgroup");
+        compiled.cgroups.insert(cg.id, identity);
+        compiled.cgroup_paths.insert(cg.id, cg.path);
+        self.metrics.cgroups_classified.inc();
+        self.publish(compiled);
+    }
+
+    /// Classifies cgroups the mkdir events missed.
+    fn rescan(&mut self) {
+        for cg in identity::scan(&self.root) {
+            if !self.compiled.cgroups.contains_key(&cg.id) {
+                self.classify(cg);
+            }
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let policies = policy::load_paths(&cfg.policy_paths).map_err(|errors| {
+        log_policy_errors(&errors);
+        DaemonError::InvalidPolicy { count: errors.len() }
+    })?;
+    let root = cgroup::v2_root()?;
+    tracing::info!(cgroup_root = %root.display(), policies = policies.len(), "starting");
+    let mut kernel = loader::load(&LoadOptions {
+        cgroup_root: root.clone(),
+        btf_path: "/sys/kernel/btf/vmlinux".into(),
+        force_fallback: cfg.force_fallback,
+        map_sizes: MapSizes::default(),
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_backends(&kernel.backends);
+
+    let maps = PolicyMaps::take(&mut kernel.ebpf)?;
+    let take = |ebpf: &mut aya::Ebpf, name| ebpf.take_map(name).ok_or(DaemonError::Map { name });
+    let ring = RingBuf::try_from(take(&mut kernel.ebpf, MAP_EVENTS)?)
+        .map_err(|_| DaemonError::Map { name: MAP_EVENTS })?;
+    let counters = KernelCounters {
+        counters: PerCpuArray::try_from(take(&mut kernel.ebpf, MAP_COUNTERS)?)
+            .map_err(|_| DaemonError::Map { name: MAP_COUNTERS })?,
+        decisions: PerCpuArray::try_from(take(&mut kernel.ebpf, MAP_DECISIONS)?)
+            .map_err(|_| DaemonError::Map { name: MAP_DECISIONS })?,
+    };
+    let stats = Arc::new(ReaderStats::default());
+    metrics.set_kernel(counters, Arc::clone(&stats));
+
+    let mut state = State {
+        root: root.clone(),
+        policies: Vec::new(),
+        compiled: Arc::new(Compiled::default()),
+        names: Arc::new(RwLock::new(Arc::new(Compiled::default()))),
+        maps,
+        next_identity: 1,
+        generation: 0,
+        metrics: Arc::clone(&metrics),
+        fingerprint: Vec::new(),
+        paths: cfg.policy_paths.clone(),
+    };
+    // The first load must succeed: there is nothing in force to fall back to.
+    let cgroups = identity::scan(&root);
+    let first = compile::compile(&policies, &cgroups, state.numbering())?;
+    state.maps.apply(None, &first)?;
+    state.policies = policies;
+    state.fingerprint = fingerprint(&cfg.policy_paths);
+    tracing::info!(
+        policies = state.policies.len(),
+        rules = first.rules.len() - 1,
+        identities = first.identity_cfg.len(),
+        cgroups = first.cgroups.len(),
+        "policy applied"
+    );
+    state.publish(first);
+    metrics.reload(true);
+
+    let (mkdir_tx, mut mkdir_rx) = mpsc::unbounded_channel();
+    let sink = Sink::open(cfg.decisions_file.clone())?;
+    let reader = tokio::spawn(events::run(ring, Arc::clone(&state.names), sink, mkdir_tx, stats));
+    let listener = metrics::bind(cfg.metrics_addr).await?;
+    tracing::info!(addr = %listener.local_addr().unwrap_or(cfg.metrics_addr), "serving /metrics, /healthz, /readyz");
+    let server = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        connect = kernel.backends.connect.as_str(),
+        exec = kernel.backends.exec.as_str(),
+        open = kernel.backends.open.as_str(),
+        "enforcing"
+    );
+
+    let sig = |kind, name| signal(kind).map_err(|e| DaemonError::Signal(name, e));
+    let mut hup = sig(SignalKind::hangup(), "SIGHUP")?;
+    let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
+    let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
+    let mut watch = tokio::time::interval(cfg.watch_interval);
+    let mut rescan = tokio::time::interval(cfg.rescan_interval);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => state.reload("SIGHUP"),
+            _ = watch.tick() => {
+                if fingerprint(&state.paths) != state.fingerprint {
+                    state.reload("policy files changed");
+                }
+            }
+            _ = rescan.tick() => state.rescan(),
+            Some(path) = mkdir_rx.recv() => {
+                if let Some(cg) = identity::lookup(&state.root, &path) {
+                    state.classify(cg);
+                }
+            }
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+        }
+        if reader.is_finished() {
+            tracing::error!("decision reader stopped");
+            break;
+        }
+    }
+    tracing::info!("stopping; programs detach");
+    metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    reader.abort();
+    server.abort();
+    drop(kernel);
+    Ok(())
+}

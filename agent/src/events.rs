@@ -1,1 +1,340 @@
-//! (being written)
+//! Kernel ring buffer → one JSON line per decision.
+//!
+//! The kernel sends ids (identity, rule id, policy bit, inode); this module
+//! turns them back into names with the tables of the policy generation in
+//! force (`Compiled`), and writes the line to stdout or the decisions file.
+
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv6Addr},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
+
+use aya::maps::{MapData, RingBuf};
+use portcullis_common::{
+    ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_EXEC, ACTION_OPEN,
+    EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event, RULE_ID_DEFAULT, VERDICT_ALLOW,
+    VERDICT_AUDIT,
+};
+use serde::Serialize;
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use crate::{compile::Compiled, loader::Backend};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    #[error("watching the events ring buffer")]
+    Watch(#[source] std::io::Error),
+    #[error("writing decisions to {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The decision tables shared between the policy task (writer) and this
+/// one (reader); swapped whole on reload.
+pub type SharedNames = Arc<RwLock<Arc<Compiled>>>;
+
+/// One decision, as written to the log. Field names are part of the
+/// product's interface (README "Decision log").
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Decision {
+    pub time: String,
+    pub action: &'static str,
+    pub verdict: &'static str,
+    pub policy: String,
+    pub rule: String,
+    pub workload: Workload,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub target: Target,
+    pub backend: &'static str,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Workload {
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    pub uid: u32,
+    pub identity: u32,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Target {
+    Net { ip: String, port: u16, protocol: &'static str },
+    Path { path: String, access: &'static str, dev: u32, ino: u64 },
+}
+
+/// Where decision lines go.
+pub enum Sink {
+    Stdout,
+    File { path: PathBuf, file: std::fs::File },
+}
+
+impl Sink {
+    pub fn open(path: Option<PathBuf>) -> Result<Self, EventsError> {
+        let Some(path) = path else { return Ok(Self::Stdout) };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| EventsError::Write { path: path.display().to_string(), source })?;
+        Ok(Self::File { path, file })
+    }
+
+    fn write_line(&mut self, line: &str) -> Result<(), EventsError> {
+        let (res, path) = match self {
+            Self::Stdout => {
+                let mut out = std::io::stdout().lock();
+                (writeln!(out, "{line}").and_then(|()| out.flush()), "stdout".to_owned())
+            }
+            Self::File { path, file } => (writeln!(file, "{line}"), path.display().to_string()),
+        };
+        res.map_err(|source| EventsError::Write { path, source })
+    }
+}
+
+/// Wall-clock time of boot, to turn `bpf_ktime_get_boot_ns` into UTC.
+fn boot_epoch_ns() -> i128 {
+    use nix::time::{ClockId, clock_gettime};
+    let ns = |c| clock_gettime(c).map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128);
+    match (ns(ClockId::CLOCK_REALTIME), ns(ClockId::CLOCK_BOOTTIME)) {
+        (Ok(real), Ok(boot)) => real - boot,
+        _ => 0,
+    }
+}
+
+/// RFC 3339 UTC with microseconds, from nanoseconds since the epoch.
+pub fn rfc3339(epoch_ns: i128) -> String {
+    let secs = epoch_ns.div_euclid(1_000_000_000) as i64;
+    let micros = (epoch_ns.rem_euclid(1_000_000_000) / 1000) as i64;
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+fn cstr(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn action_name(action: u8) -> &'static str {
+    match action {
+        ACTION_EXEC => "exec",
+        ACTION_CONNECT => "connect",
+        ACTION_OPEN => "open",
+        _ => "unknown",
+    }
+}
+
+fn verdict_name(verdict: u8) -> &'static str {
+    match verdict {
+        VERDICT_ALLOW => "allow",
+        VERDICT_AUDIT => "audit",
+        _ => "deny",
+    }
+}
+
+fn access_name(access: u32) -> &'static str {
+    match (access & ACCESS_READ != 0, access & ACCESS_WRITE != 0, access & ACCESS_EXEC != 0) {
+        (_, _, true) => "exec",
+        (true, true, _) => "read_write",
+        (false, true, _) => "write",
+        _ => "read",
+    }
+}
+
+/// The path of the target: the inode's own path if a policy named it,
+/// otherwise the deciding directory's path plus the dentry names the kernel
+/// collected on its way up.
+fn target_path(ev: &Event, names: &Compiled) -> String {
+    if let Some(p) = names.inode_paths.get(&(ev.dev, ev.ino)) {
+        return p.display().to_string();
+    }
+    let collected: Vec<String> = ev.names[..EVENT_NAMES - 1]
+        .iter()
+        .map(|n| cstr(n))
+        .take_while(|n| !n.is_empty())
+        .collect();
+    let depth = ev.depth as usize;
+    // Find the deciding directory by walking `depth` names up from the leaf.
+    let dir = (depth > 0 && depth <= collected.len())
+        .then(|| names.rules.get(ev.rule_id as usize))
+        .flatten()
+        .and_then(|r| r.rule.split_whitespace().nth(1))
+        .map(|pat| pat.trim_end_matches("/**").to_owned());
+    match dir {
+        Some(dir) => {
+            let below: Vec<&str> = collected[..depth].iter().rev().map(String::as_str).collect();
+            format!("{dir}/{}", below.join("/"))
+        }
+        None if ev.action == ACTION_EXEC && !cstr(&ev.names[EVENT_NAMES - 1]).is_empty() => {
+            cstr(&ev.names[EVENT_NAMES - 1])
+        }
+        None => collected.first().cloned().unwrap_or_default(),
+    }
+}
+
+/// Builds the log record for a decision event.
+pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
+    let policy = names
+        .identity_policies
+        .get(&ev.identity)
+        .and_then(|set| set.get(usize::from(ev.policy_bit)))
+        .and_then(|&i| names.policies.get(i))
+        .cloned()
+        .unwrap_or_default();
+    let rule = if ev.rule_id == RULE_ID_DEFAULT {
+        "default".to_owned()
+    } else {
+        names.rules.get(ev.rule_id as usize).map(|r| r.rule.clone()).unwrap_or_default()
+    };
+    let cgroup = names.cgroup_paths.get(&ev.cgroup_id).cloned().unwrap_or_default();
+    let target = if ev.action == ACTION_CONNECT {
+        let v6 = Ipv6Addr::from(ev.addr);
+        let ip = match v6.to_ipv4_mapped() {
+            Some(v4) if ev.family == 4 => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        };
+        let protocol = match ev.proto {
+            6 => "tcp",
+            17 => "udp",
+            _ => "other",
+        };
+        Target::Net { ip: ip.to_string(), port: ev.port, protocol }
+    } else {
+        Target::Path {
+            path: target_path(ev, names),
+            access: access_name(ev.access),
+            dev: ev.dev,
+            ino: ev.ino,
+        }
+    };
+    let comm = cstr(&ev.comm);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
+        .ok()
+        .map(|p| p.display().to_string())
+        .or_else(|| names.inode_paths.get(&(ev.exe_dev, ev.exe_ino)).map(|p| p.display().to_string()))
+        .unwrap_or_else(|| comm.clone());
+    Decision {
+        time: rfc3339(boot_epoch_ns + i128::from(ev.ts_ns)),
+        action: action_name(ev.action),
+        verdict: verdict_name(ev.verdict),
+        policy,
+        rule,
+        workload: Workload {
+            unit: crate::cgroup::systemd_unit(&cgroup).map(str::to_owned),
+            cgroup,
+            cgroup_id: ev.cgroup_id,
+            uid: ev.uid,
+            identity: ev.identity,
+        },
+        pid: ev.tgid,
+        tid: ev.pid,
+        comm,
+        exe,
+        target,
+        backend: Backend::from_wire(ev.backend).as_str(),
+    }
+}
+
+/// Counters the reader keeps (exported as metrics).
+#[derive(Debug, Default)]
+pub struct ReaderStats {
+    pub logged: std::sync::atomic::AtomicU64,
+    pub write_errors: std::sync::atomic::AtomicU64,
+    pub malformed: std::sync::atomic::AtomicU64,
+}
+
+/// Reads the ring buffer until the task is dropped: decisions go to `sink`,
+/// new cgroup paths to `mkdir_tx`.
+pub async fn run(
+    ring: RingBuf<MapData>,
+    names: SharedNames,
+    mut sink: Sink,
+    mkdir_tx: mpsc::UnboundedSender<String>,
+    stats: Arc<ReaderStats>,
+) -> Result<(), EventsError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let epoch = boot_epoch_ns();
+    // SAFETY: the RingBuf owns its map fd and the mmap; both live exactly as
+    // long as the AsyncFd that owns the RingBuf, and the fd never changes.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| EventsError::Watch(std::io::Error::other(e.to_string())))?;
+    loop {
+        let mut guard = fd.readable_mut().await.map_err(EventsError::Watch)?;
+        let ring = guard.get_inner_mut();
+        let snapshot = names.read().map(|n| Arc::clone(&n)).unwrap_or_default();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<Event>() {
+                stats.malformed.fetch_add(1, Relaxed);
+                continue;
+            }
+            // SAFETY: the kernel writes whole `Event`s (same repr(C) type);
+            // read_unaligned copes with the ring's 8-byte alignment.
+            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            match ev.kind {
+                EVENT_DECISION => {
+                    let line = serde_json::to_string(&decode(&ev, &snapshot, epoch))
+                        .unwrap_or_default();
+                    match sink.write_line(&line) {
+                        Ok(()) => stats.logged.fetch_add(1, Relaxed),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "decision not written");
+                            stats.write_errors.fetch_add(1, Relaxed)
+                        }
+                    };
+                }
+                EVENT_CGROUP_MKDIR => {
+                    let _ = mkdir_tx.send(cstr(&ev.names[0]));
+                }
+                _ => {
+                    stats.malformed.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(1_795_000_000_123_456_789), "2026-11-18T11:06:40.123456Z");
+        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn access_names() {
+        assert_eq!(access_name(ACCESS_READ), "read");
+        assert_eq!(access_name(ACCESS_WRITE), "write");
+        assert_eq!(access_name(ACCESS_READ | ACCESS_WRITE), "read_write");
+        assert_eq!(access_name(ACCESS_EXEC), "exec");
+    }
+}

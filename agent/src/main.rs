@@ -1,1 +1,118 @@
-fn main() {}
+//! `portcullis`: the agent daemon and its CLI.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use portcullis::{daemon, policy};
+
+#[derive(Parser)]
+#[command(version, about = "Host access enforcement for Linux workloads (eBPF)")]
+struct Cli {
+    /// Diagnostic log format (on stderr). Decisions always go out as JSON.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the kernel programs and enforce the given policies.
+    Run {
+        /// Policy file or directory of *.yaml files (repeatable).
+        #[arg(long = "policy", short = 'p', required = true)]
+        policies: Vec<PathBuf>,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        metrics_addr: SocketAddr,
+        /// Append decisions (JSON lines) to this file instead of stdout.
+        #[arg(long)]
+        decisions_file: Option<PathBuf>,
+        /// Use the tracepoint backends even where BPF-LSM is available.
+        #[arg(long)]
+        force_fallback: bool,
+        /// Seconds between checks of the policy files for changes.
+        #[arg(long, default_value_t = 1.0)]
+        watch_interval: f64,
+        /// Seconds between full rescans of the cgroup tree.
+        #[arg(long, default_value_t = 5.0)]
+        rescan_interval: f64,
+    },
+    /// Check policy files; print every error with file, line, column and field.
+    Validate {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { paths } => match policy::load_paths(&paths) {
+            Ok(policies) => {
+                println!("ok: {} valid policies", policies.len());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                eprintln!("{} error(s)", errors.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            policies,
+            metrics_addr,
+            decisions_file,
+            force_fallback,
+            watch_interval,
+            rescan_interval,
+        } => {
+            init_logging(cli.log_format);
+            let cfg = daemon::Config {
+                policy_paths: policies,
+                metrics_addr,
+                decisions_file,
+                force_fallback,
+                watch_interval: Duration::from_secs_f64(watch_interval.max(0.05)),
+                rescan_interval: Duration::from_secs_f64(rescan_interval.max(0.05)),
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("portcullis: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(daemon::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{:#}", anyhow::Error::from(e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,209 @@
-//! (being written)
+//! Writing a compiled policy generation into the kernel maps.
+//!
+//! A swap never shows a syscall a half-applied policy: the new generation's
+//! rules are written under identity numbers the old one does not use, then
+//! each cgroup is pointed at its new identity with one map update (atomic per
+//! cgroup), and only then are the old generation's entries deleted. If a
+//! write fails before the flip (a map is full), the new entries are removed
+//! again and the old generation stays in force untouched.
+
+use std::{collections::BTreeSet, hash::Hash};
+
+use aya::{
+    Ebpf, Pod,
+    maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+};
+use portcullis_common::{
+    IdentityConfig, InodeKey, InodeRuleSet, MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES,
+    MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, NET_KEY_DATA_LEN, NetRuleSet,
+};
+
+use crate::compile::Compiled;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+type NetKey = [u8; NET_KEY_DATA_LEN];
+
+/// The policy maps, taken out of the loaded object and owned by the one task
+/// that applies policy.
+pub struct PolicyMaps {
+    identities: HashMap<MapData, u64, u32>,
+    identity_cfg: HashMap<MapData, u32, IdentityConfig>,
+    net: LpmTrie<MapData, NetKey, NetRuleSet>,
+    exec: HashMap<MapData, InodeKey, InodeRuleSet>,
+    files: HashMap<MapData, InodeKey, InodeRuleSet>,
+    only_from: HashMap<MapData, InodeKey, u32>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, MapsError> {
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
+    T::try_from(map).map_err(|source| MapsError::Map { name, source })
+}
+
+fn err(name: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Inserts `new` entries into a hash map; on failure removes the ones this
+/// call added (those not in `keep`) and returns the error.
+fn insert_all<K: Pod + Ord + Hash, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    new: impl IntoIterator<Item = (K, V)>,
+    keep: &dyn Fn(&K) -> bool,
+) -> Result<Vec<K>, MapsError> {
+    let mut added = Vec::new();
+    for (k, v) in new {
+        if let Err(e) = map.insert(k, v, 0) {
+            for k in &added {
+                if !keep(k) {
+                    let _ = map.remove(k);
+                }
+            }
+            return Err(err(name)(e));
+        }
+        added.push(k);
+    }
+    Ok(added)
+}
+
+impl PolicyMaps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(Self {
+            identities: take(ebpf, MAP_IDENTITIES)?,
+            identity_cfg: take(ebpf, MAP_IDENTITY_CFG)?,
+            net: take(ebpf, MAP_NET_RULES)?,
+            exec: take(ebpf, MAP_EXEC_RULES)?,
+            files: take(ebpf, MAP_FILE_RULES)?,
+            only_from: take(ebpf, MAP_ONLY_FROM)?,
+        })
+    }
+
+    /// Replaces generation `old` (what the kernel holds now, if anything)
+    /// with `new`. See the module docs for the ordering.
+    pub fn apply(&mut self, old: Option<&Compiled>, new: &Compiled) -> Result<(), MapsError> {
+        let empty = Compiled::default();
+        let old = old.unwrap_or(&empty);
+        let mut undo = Undo::default();
+        if let Err(e) = self.write_rules(old, new, &mut undo) {
+            self.rollback(&undo);
+            return Err(e);
+        }
+        // The flip: one update per cgroup.
+        for (&cg, &id) in &new.cgroups {
+            self.identities.insert(cg, id, 0).map_err(err(MAP_IDENTITIES))?;
+        }
+        for cg in old.cgroups.keys().filter(|cg| !new.cgroups.contains_key(cg)) {
+            let _ = self.identities.remove(cg);
+        }
+        // Old generation out. Failures here leave only unreachable entries.
+        for id in old.identity_cfg.keys().filter(|k| !new.identity_cfg.contains_key(k)) {
+            let _ = self.identity_cfg.remove(id);
+        }
+        for k in old.exec.keys().filter(|k| !new.exec.contains_key(k)) {
+            let _ = self.exec.remove(k);
+        }
+        for k in old.files.keys().filter(|k| !new.files.contains_key(k)) {
+            let _ = self.files.remove(k);
+        }
+        for k in old.only_from.difference(&new.only_from) {
+            let _ = self.only_from.remove(k);
+        }
+        for (len, data) in old.net.keys().filter(|k| !new.net.contains_key(k)) {
+            let _ = self.net.remove(&Key::new(*len, *data));
+        }
+        Ok(())
+    }
+
+    fn write_rules(&mut self, old: &Compiled, new: &Compiled, undo: &mut Undo) -> Result<(), MapsError> {
+        undo.only_from = insert_all(
+            &mut self.only_from,
+            MAP_ONLY_FROM,
+            new.only_from.iter().map(|k| (*k, 1u32)),
+            &|k| old.only_from.contains(k),
+        )?;
+        undo.exec = insert_all(
+            &mut self.exec,
+            MAP_EXEC_RULES,
+            new.exec.iter().map(|(k, v)| (*k, *v)),
+            &|k| old.exec.contains_key(k),
+        )?;
+        undo.files = insert_all(
+            &mut self.files,
+            MAP_FILE_RULES,
+            new.files.iter().map(|(k, v)| (*k, *v)),
+            &|k| old.files.contains_key(k),
+        )?;
+        for (&(len, data), v) in &new.net {
+            self.net.insert(&Key::new(len, data), *v, 0).map_err(err(MAP_NET_RULES))?;
+            if !old.net.contains_key(&(len, data)) {
+                undo.net.insert((len, data));
+            }
+        }
+        undo.identity_cfg = insert_all(
+            &mut self.identity_cfg,
+            MAP_IDENTITY_CFG,
+            new.identity_cfg.iter().map(|(k, v)| (*k, *v)),
+            &|k| old.identity_cfg.contains_key(k),
+        )?;
+        Ok(())
+    }
+
+    fn rollback(&mut self, undo: &Undo) {
+        for k in &undo.only_from {
+            let _ = self.only_from.remove(k);
+        }
+        for k in &undo.exec {
+            let _ = self.exec.remove(k);
+        }
+        for k in &undo.files {
+            let _ = self.files.remove(k);
+        }
+        for (len, data) in &undo.net {
+            let _ = self.net.remove(&Key::new(*len, *data));
+        }
+        for k in &undo.identity_cfg {
+            let _ = self.identity_cfg.remove(k);
+        }
+    }
+
+    /// Points one cgroup at an identity (a cgroup created since the last
+    /// full apply).
+    pub fn set_cgroup(&mut self, cgroup_id: u64, identity: u32) -> Result<(), MapsError> {
+        self.identities.insert(cgroup_id, identity, 0).map_err(err(MAP_IDENTITIES))
+    }
+
+    /// Writes the rules and config of identities `new` has and `old` lacks
+    /// (used when a new cgroup brings a policy set not seen before).
+    pub fn add_identities(&mut self, old: &Compiled, new: &Compiled) -> Result<(), MapsError> {
+        let mut undo = Undo::default();
+        let r = self.write_rules(old, new, &mut undo);
+        if r.is_err() {
+            self.rollback(&undo);
+        }
+        r
+    }
+}
+
+/// Keys a failed write added, to remove again.
+#[derive(Default)]
+struct Undo {
+    only_from: Vec<InodeKey>,
+    exec: Vec<InodeKey>,
+    files: Vec<InodeKey>,
+    net: BTreeSet<(u32, NetKey)>,
+    identity_cfg: Vec<u32>,
+}

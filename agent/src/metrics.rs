@@ -1,1 +1,320 @@
-//! (being written)
+//! Prometheus metrics (`prometheus-client`, OpenMetrics text) and the small
+//! HTTP endpoint that serves them with `/healthz` and `/readyz`.
+//!
+//! Kernel-side counters live in per-CPU arrays; they are summed at scrape
+//! time and the difference since the last scrape is added to the exported
+//! counters, so the exported values are monotonic like any counter. Label
+//! sets are bounded: action × verdict, hook, map, result — no pid, path or
+//! pod labels.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use aya::maps::{MapData, PerCpuArray};
+use portcullis_common::{
+    ACTIONS, COUNTER_ERR_CONNECT, COUNTER_ERR_EXEC, COUNTER_ERR_OPEN, COUNTER_LOST_EVENTS,
+    COUNTER_MKDIR_LOST, COUNTER_UNCLASSIFIED, COUNTERS, DECISION_SLOTS, VERDICTS,
+};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+use crate::{events::ReaderStats, loader::Backends};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("binding the metrics endpoint on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    action: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabels {
+    hook: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    hook: &'static str,
+    backend: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// The per-CPU kernel counter maps, taken out of the loaded object.
+pub struct KernelCounters {
+    pub counters: PerCpuArray<MapData, u64>,
+    pub decisions: PerCpuArray<MapData, u64>,
+}
+
+fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+const ACTION_NAMES: [&str; ACTIONS as usize] = ["exec", "connect", "open"];
+const VERDICT_NAMES: [&str; VERDICTS as usize] = ["allow", "audit", "deny"];
+
+/// Every metric the agent exports. Cheap to share (`Arc`).
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    lost_events: Counter,
+    kernel_errors: Family<HookLabels, Counter>,
+    unclassified: Counter,
+    mkdir_lost: Counter,
+    decisions_logged: Counter,
+    decision_write_errors: Counter,
+    reloads: Family<ResultLabels, Counter>,
+    pub last_reload_success: Gauge<f64, AtomicU64>,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+    pub policies: Gauge,
+    pub cgroups_classified: Counter,
+    backend: Family<BackendLabels, Gauge>,
+    kernel: Mutex<Option<KernelCounters>>,
+    /// Last kernel sums, to add only the difference.
+    last: Mutex<Vec<u64>>,
+    reader: Mutex<Option<Arc<ReaderStats>>>,
+    last_reader: Mutex<[u64; 2]>,
+    /// Programs attached and a policy in force.
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let m = Self {
+            decisions: Family::default(),
+            lost_events: Counter::default(),
+            kernel_errors: Family::default(),
+            unclassified: Counter::default(),
+            mkdir_lost: Counter::default(),
+            decisions_logged: Counter::default(),
+            decision_write_errors: Counter::default(),
+            reloads: Family::default(),
+            last_reload_success: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            policies: Gauge::default(),
+            cgroups_classified: Counter::default(),
+            backend: Family::default(),
+            kernel: Mutex::new(None),
+            last: Mutex::new(vec![0; (COUNTERS + DECISION_SLOTS) as usize]),
+            reader: Mutex::new(None),
+            last_reader: Mutex::new([0; 2]),
+            ready: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "decisions",
+            "Decisions made in the kernel, allows included (per-CPU counters)",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Decision events dropped because the ring buffer was full",
+            m.lost_events.clone(),
+        );
+        registry.register(
+            "kernel_errors",
+            "Internal errors in the kernel programs, by hook (each one failed open)",
+            m.kernel_errors.clone(),
+        );
+        registry.register(
+            "unclassified_lookups",
+            "Kernel lookups that found no classified cgroup up to the root",
+            m.unclassified.clone(),
+        );
+        registry.register(
+            "cgroup_events_lost",
+            "cgroup creation events dropped (the periodic rescan still classifies them)",
+            m.mkdir_lost.clone(),
+        );
+        registry.register(
+            "decisions_logged",
+            "Decision lines written to the decision log",
+            m.decisions_logged.clone(),
+        );
+        registry.register(
+            "decision_log_errors",
+            "Decision lines that could not be written",
+            m.decision_write_errors.clone(),
+        );
+        registry.register("policy_reloads", "Policy loads by result", m.reloads.clone());
+        registry.register(
+            "policy_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful policy load",
+            m.last_reload_success.clone(),
+        );
+        registry.register("map_entries", "Entries in each policy map", m.map_entries.clone());
+        registry.register("map_capacity", "Capacity of each policy map", m.map_capacity.clone());
+        registry.register("policies", "Policies in force", m.policies.clone());
+        registry.register(
+            "cgroups_classified",
+            "Cgroups classified after creation (via the cgroup_mkdir tracepoint or rescan)",
+            m.cgroups_classified.clone(),
+        );
+        registry.register(
+            "backend",
+            "Enforcement backend in use per hook (value 1)",
+            m.backend.clone(),
+        );
+        registry.register(
+            "build",
+            "Build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn set_kernel(&self, kernel: KernelCounters, reader: Arc<ReaderStats>) {
+        *self.kernel.lock().unwrap_or_else(|e| e.into_inner()) = Some(kernel);
+        *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(reader);
+    }
+
+    pub fn set_backends(&self, b: &Backends) {
+        for (hook, backend) in [("connect", b.connect), ("exec", b.exec), ("open", b.open)] {
+            self.backend.get_or_create(&BackendLabels { hook, backend: backend.as_str() }).set(1);
+        }
+    }
+
+    /// Adds the kernel counters' growth since the last call.
+    fn refresh(&self) {
+        let kernel = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(k) = kernel.as_ref() else { return };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut grow = |slot: usize, now: u64| {
+            let d = now.saturating_sub(last[slot]);
+            last[slot] = last[slot].max(now);
+            d
+        };
+        let c = |i: u32| sum(&k.counters, i);
+        self.lost_events.inc_by(grow(COUNTER_LOST_EVENTS as usize, c(COUNTER_LOST_EVENTS)));
+        self.unclassified.inc_by(grow(COUNTER_UNCLASSIFIED as usize, c(COUNTER_UNCLASSIFIED)));
+        self.mkdir_lost.inc_by(grow(COUNTER_MKDIR_LOST as usize, c(COUNTER_MKDIR_LOST)));
+        for (hook, idx) in
+            [("connect", COUNTER_ERR_CONNECT), ("exec", COUNTER_ERR_EXEC), ("open", COUNTER_ERR_OPEN)]
+        {
+            self.kernel_errors.get_or_create(&HookLabels { hook }).inc_by(grow(idx as usize, c(idx)));
+        }
+        for (a, action) in ACTION_NAMES.iter().enumerate() {
+            for (v, verdict) in VERDICT_NAMES.iter().enumerate() {
+                let idx = a as u32 * VERDICTS + v as u32;
+                let d = grow((COUNTERS + idx) as usize, sum(&k.decisions, idx));
+                self.decisions.get_or_create(&DecisionLabels { action, verdict }).inc_by(d);
+            }
+        }
+        drop(last);
+        if let Some(r) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let mut lr = self.last_reader.lock().unwrap_or_else(|e| e.into_inner());
+            let (logged, errors) = (r.logged.load(Relaxed), r.write_errors.load(Relaxed));
+            self.decisions_logged.inc_by(logged.saturating_sub(lr[0]));
+            self.decision_write_errors.inc_by(errors.saturating_sub(lr[1]));
+            *lr = [logged.max(lr[0]), errors.max(lr[1])];
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        self.refresh();
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn set_map(&self, map: &'static str, entries: usize, capacity: u32) {
+        self.map_entries.get_or_create(&MapLabels { map }).set(entries as i64);
+        self.map_capacity.get_or_create(&MapLabels { map }).set(i64::from(capacity));
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or_default();
+            self.last_reload_success.set(now);
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read the request head (bounded; bodies are ignored).
+            while len < buf.len() {
+                match conn.read(&mut buf[len..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => len += n,
+                }
+                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, ctype, body) = match path {
+                "/metrics" => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(),
+                ),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                "/readyz" if metrics.ready.load(Relaxed) => ("200 OK", "text/plain", "ready\n".into()),
+                "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".into()),
+                _ => ("404 Not Found", "text/plain", "not found\n".into()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// Binds the endpoint (before any task starts, so a bad address fails start).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })
+}

@@ -1,1 +1,121 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's automation.
+//!
+//! - `setup`: installs what a fresh machine lacks (idempotent).
+//! - `run`:   set-up, build, and run the agent on `policies/default.yaml`.
+//! - `test`:  set-up, build, and run every test.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Portcullis build, run and test automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing toolchain pieces and mount bpffs/securityfs/tracefs.
+    Setup,
+    /// Set up, build, and run the agent on the bundled default policy.
+    Run {
+        /// Extra arguments for `portcullis run` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the whole test suite.
+    Test {
+        /// Extra arguments for the test harness (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.command {
+        Cmd::Setup => setup::run(&root),
+        Cmd::Run { args } => {
+            setup::run(&root)?;
+            cargo(&root, &["build", "--package", "portcullis", "--bin", "portcullis"])?;
+            let agent = root.join("target/debug/portcullis");
+            let mut cmd = Command::new(&agent);
+            cmd.current_dir(&root)
+                .args(["run", "--policy", "policies/default.yaml"])
+                .args(&args);
+            eprintln!("xtask: running {}", describe(&cmd));
+            let status = cmd.status().with_context(|| format!("starting {}", agent.display()))?;
+            if !status.success() {
+                bail!("agent exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { args } => {
+            setup::run(&root)?;
+            test(&root, &args)
+        }
+    }
+}
+
+/// Builds everything (the agent build also builds the eBPF programs), then
+/// runs unit and end-to-end tests. The end-to-end tests need root and a
+/// cgroup v2 mount; they find the agent binary through `PORTCULLIS_BIN`.
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    cargo(root, &["build", "--workspace", "--bins"])?;
+    let mut cmd = cargo_cmd(root);
+    cmd.args(["test", "--workspace", "--no-fail-fast", "--"]).args(args);
+    cmd.env("PORTCULLIS_BIN", root.join("target/debug/portcullis"));
+    cmd.env("PORTCULLIS_PROBE", root.join("target/debug/portcullis-probe"));
+    eprintln!("xtask: {}", describe(&cmd));
+    let status = cmd.status().context("running cargo test")?;
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo_cmd(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    // bpf-linker is installed into cargo's bin directory, which a fresh
+    // non-login shell may not have on PATH.
+    cmd.env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let mut cmd = cargo_cmd(root);
+    cmd.args(args);
+    eprintln!("xtask: {}", describe(&cmd));
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A command as a shell would show it (no environment noise).
+pub(crate) fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}

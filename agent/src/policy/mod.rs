@@ -7,6 +7,8 @@
 
 pub mod glob;
 pub mod parse;
+#[cfg(test)]
+mod tests;
 
 use std::{net::Ipv6Addr, path::PathBuf};
 
@@ -93,7 +95,7 @@ pub struct NetRule {
     pub protocol: Option<u8>,
     /// Log allows that match this rule (denies are always logged).
     pub log: bool,
-    /// The rule as the user wrote it, e.g. `10.0.0.0/8 ports 443,8000-8002/tcp`.
+    /// The rule as the user wrote it, e.g. `10.0.0.0/8 443,8000-8002/tcp`.
     pub text: String,
     pub line: usize,
 }

@@ -1,0 +1,169 @@
+//! Compiler unit tests: precedence, identities, inode resolution.
+
+use std::{net::Ipv6Addr, path::PathBuf};
+
+use portcullis_common::{
+    ACCESS_EXEC, ACCESS_READ, HAS_NET, IDENTITY_UNRESTRICTED, InodeKey, RULE_SUBTREE, VERDICT_ALLOW,
+    VERDICT_DENY,
+};
+
+use super::*;
+use crate::policy::{EgressRules, ExecRules, FileRule, Selector};
+
+const N: Numbering = Numbering { first_identity: 10, only_from_base: 1 << 30 };
+
+fn policy(name: &str, cgroup: &str) -> Policy {
+    Policy {
+        name: name.into(),
+        source: PathBuf::from("test.yaml"),
+        mode: Mode::Enforce,
+        selector: Selector { cgroup_path: Some(cgroup.into()), systemd_unit: None },
+        exec: None,
+        egress: None,
+        files: vec![],
+    }
+}
+
+fn v4(a: [u8; 4], len: u8, ports: Vec<(u16, u16)>) -> NetRule {
+    NetRule {
+        addr: std::net::Ipv4Addr::from(a).to_ipv6_mapped(),
+        prefix_len: 96 + len,
+        ports,
+        protocol: None,
+        log: false,
+        text: format!("{}/{len}", std::net::Ipv4Addr::from(a)),
+        line: 1,
+    }
+}
+
+fn cgroups() -> Vec<CgroupInfo> {
+    [(1, "/"), (2, "/a"), (3, "/a/x"), (4, "/b"), (5, "/b/y")]
+        .into_iter()
+        .map(|(id, path)| CgroupInfo { id, path: path.into() })
+        .collect()
+}
+
+fn path(p: &str) -> PathRule {
+    PathRule { pattern: p.into(), line: 1 }
+}
+
+#[test]
+fn identities_are_shared_by_policy_set() {
+    let policies = [policy("pa", "/a/**"), policy("pb", "/b/y"), policy("both", "/**/y")];
+    let c = compile(&policies, &cgroups(), N).unwrap();
+    assert_eq!(c.cgroups[&1], IDENTITY_UNRESTRICTED, "root is selected by nothing");
+    // `/a/**` matches `/a` itself and below: one identity for both.
+    assert_eq!(c.cgroups[&2], c.cgroups[&3]);
+    assert_eq!(c.cgroups[&2], 10);
+    assert_eq!(c.cgroups[&4], IDENTITY_UNRESTRICTED);
+    let y = c.cgroups[&5];
+    assert_eq!(c.identity_policies[&y], vec![1, 2]);
+    assert_eq!(c.identity_cfg.len(), 2);
+}
+
+#[test]
+fn default_deny_is_per_policy_bit() {
+    let mut deny = policy("deny", "/a/**");
+    deny.egress = Some(EgressRules {
+        default: DefaultAction::Deny,
+        allow: vec![v4([10, 0, 0, 0], 8, vec![(443, 443)])],
+        deny: vec![],
+    });
+    let mut audit = policy("audit", "/a/**");
+    audit.mode = Mode::Audit;
+    audit.egress = Some(EgressRules { default: DefaultAction::Deny, allow: vec![], deny: vec![] });
+    let c = compile(&[deny, audit], &cgroups(), N).unwrap();
+    let cfg = c.identity_cfg[&10];
+    assert_eq!(cfg.net_deny_enforce, 0b01);
+    assert_eq!(cfg.net_deny_audit, 0b10);
+    assert_eq!(cfg.flags & HAS_NET, HAS_NET);
+    let set = c.net[&net_key(10, "::ffff:10.0.0.0".parse().unwrap(), 104)];
+    assert_eq!(set.count, 1);
+    assert_eq!(set.rules[0].policy_bit, 0);
+    assert_eq!((set.rules[0].port_lo, set.rules[0].port_hi), (443, 443));
+}
+
+#[test]
+fn longer_prefixes_carry_their_ancestors_rules_denies_first() {
+    let mut p = policy("p", "/a");
+    p.egress = Some(EgressRules {
+        default: DefaultAction::Allow,
+        allow: vec![v4([10, 0, 0, 0], 8, vec![(443, 443)])],
+        deny: vec![v4([10, 1, 0, 0], 16, vec![])],
+    });
+    let c = compile(&[p], &cgroups(), N).unwrap();
+    let inner = c.net[&net_key(10, "::ffff:10.1.0.0".parse().unwrap(), 112)];
+    assert_eq!(inner.count, 2);
+    assert_eq!(inner.rules[0].verdict, VERDICT_DENY);
+    assert_eq!(inner.rules[1].verdict, VERDICT_ALLOW);
+    let outer = c.net[&net_key(10, "::ffff:10.0.0.0".parse().unwrap(), 104)];
+    assert_eq!(outer.count, 1, "a shorter prefix does not inherit longer ones");
+    assert_eq!(c.rules[inner.rules[0].rule_id as usize].rule, "network.egress.deny[0] 10.1.0.0/16");
+}
+
+#[test]
+fn too_many_port_rules_is_an_error_naming_the_cidr() {
+    let mut p = policy("p", "/a");
+    let ports: Vec<(u16, u16)> = (1..=17).map(|i| (i, i)).collect();
+    p.egress = Some(EgressRules {
+        default: DefaultAction::Allow,
+        allow: vec![v4([10, 0, 0, 0], 8, ports)],
+        deny: vec![],
+    });
+    let e = compile(&[p], &cgroups(), N).unwrap_err();
+    assert!(e.to_string().contains("10.0.0.0/8"), "{e}");
+}
+
+#[test]
+fn exec_and_file_globs_resolve_to_inodes_through_symlinks() {
+    let dir = std::env::temp_dir().join(format!("portcullis-compile-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("data/pii")).unwrap();
+    std::fs::write(dir.join("bin/python3.11"), b"").unwrap();
+    std::fs::write(dir.join("bin/other"), b"").unwrap();
+    let _ = std::fs::remove_file(dir.join("bin/python3"));
+    std::os::unix::fs::symlink("python3.11", dir.join("bin/python3")).unwrap();
+    let d = dir.display();
+
+    let mut p = policy("p", "/a");
+    p.exec = Some(ExecRules {
+        default: DefaultAction::Deny,
+        allow: vec![path(&format!("{d}/bin/python3*"))],
+        deny: vec![],
+    });
+    p.files = vec![FileRule {
+        path: path(&format!("{d}/data/pii/**")),
+        access: FileAccess::Read,
+        only_from: vec![path(&format!("{d}/bin/python3"))],
+    }];
+    let c = compile(&[p], &cgroups(), N).unwrap();
+    let meta = std::fs::metadata(dir.join("bin/python3.11")).unwrap();
+    let key = InodeKey { identity: 10, dev: kernel_dev(meta.dev()), ino: meta.ino() };
+    // python3 and python3.11 are one inode: one key, one rule.
+    assert_eq!(c.exec.len(), 1);
+    let set = c.exec[&key];
+    assert_eq!((set.count, set.rules[0].allow_mask, set.rules[0].flags), (1, ACCESS_EXEC, 0));
+    assert_eq!(c.identity_cfg[&10].exec_deny_enforce, 1);
+
+    let pii = std::fs::metadata(dir.join("data/pii")).unwrap();
+    let fkey = InodeKey { identity: 10, dev: kernel_dev(pii.dev()), ino: pii.ino() };
+    let rule = c.files[&fkey].rules[0];
+    assert_eq!((rule.allow_mask, rule.flags), (ACCESS_READ, RULE_SUBTREE));
+    assert_ne!(rule.only_from, 0);
+    assert!(c.only_from.contains(&InodeKey { identity: rule.only_from, ..key }));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kernel_dev_uses_mkdev_encoding() {
+    let dev = nix::sys::stat::makedev(259, 3);
+    assert_eq!(kernel_dev(dev), (259 << 20) | 3);
+}
+
+#[test]
+fn v4_prefix_containment() {
+    let net: Ipv6Addr = "::ffff:10.0.0.0".parse().unwrap();
+    assert!(in_prefix("::ffff:10.9.8.7".parse().unwrap(), net, 104));
+    assert!(!in_prefix("::ffff:11.0.0.1".parse().unwrap(), net, 104));
+    assert!(in_prefix("2001:db8::1".parse().unwrap(), "::".parse().unwrap(), 0));
+}
