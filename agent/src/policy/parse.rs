@@ -230,6 +230,9 @@ fn parse_located(text: &str, file: &Path) -> (Vec<(Policy, Location)>, Vec<Polic
         leading_zero_numbers_as_strings: true,
         with_snippet: false,
     };
+    // Spans count characters from the start of what the parser sees; drop a
+    // BOM here so they index `text` exactly.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut cx = Cx {
         file,
         text,

@@ -377,6 +377,12 @@ spec:
 }
 
 #[test]
+fn byte_order_mark_is_ignored_and_numbers_keep_their_spelling() {
+    let text = format!("\u{feff}{}", minimal("1.10"));
+    assert_eq!(parse_one(&text).name, "1.10");
+}
+
+#[test]
 fn multi_document_file() {
     let text = format!(
         "---\n{}---\n# only a comment\n---\n{}...\n",
