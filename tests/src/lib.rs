@@ -1,1 +1,371 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: real cgroups, a real agent process, a
+//! probe that makes real syscalls from inside a cgroup.
+//!
+//! Everything here panics on failure (tests panic rather than return
+//! `Result`), and every resource is an RAII guard.
+
+use std::{
+    io::{BufRead as _, Read as _, Write as _},
+    net::TcpStream,
+    os::unix::process::ExitStatusExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test or run uses.
+pub fn unique(tag: &str) -> String {
+    format!("{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Why a test cannot run here, or `None` when it can. Callers print the
+/// reason with `SKIP:` and return, so the skip is visible in the output.
+pub fn missing_requirement() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root (loads eBPF programs, creates cgroups)".into());
+    }
+    if portcullis_root().is_none() {
+        return Some("no cgroup2 mount in /proc/self/mountinfo".into());
+    }
+    None
+}
+
+/// Skips the calling test, loudly, when the machine cannot run it.
+#[macro_export]
+macro_rules! require_kernel {
+    () => {
+        if let Some(why) = $crate::missing_requirement() {
+            eprintln!("SKIP: {}: {why}", module_path!());
+            return;
+        }
+    };
+}
+
+fn portcullis_root() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or_default()))
+    })
+}
+
+/// The cgroup v2 mount point.
+pub fn cgroup_root() -> PathBuf {
+    portcullis_root().expect("cgroup2 mounted")
+}
+
+/// A cgroup that exists for the life of the guard.
+pub struct Cgroup {
+    pub dir: PathBuf,
+    /// Path as policies see it (`/name`).
+    pub path: String,
+}
+
+impl Cgroup {
+    pub fn create(tag: &str) -> Self {
+        Self::create_in(&cgroup_root(), &unique(&format!("portcullis-e2e-{tag}")))
+    }
+
+    /// A top-level cgroup with exactly this name.
+    pub fn create_named(name: &str) -> Self {
+        Self::create_in(&cgroup_root(), name)
+    }
+
+    /// A child of this cgroup.
+    pub fn child(&self, name: &str) -> Self {
+        Self::create_in(&self.dir, name)
+    }
+
+    fn create_in(parent: &Path, name: &str) -> Self {
+        let dir = parent.join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let root = cgroup_root();
+        let path = format!("/{}", dir.strip_prefix(&root).unwrap().display());
+        Self { dir, path }
+    }
+
+    pub fn dir_str(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Probes exit before we get here; a leftover process (a bug) is
+        // moved to the root so the directory can go.
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(cgroup_root().join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// What a probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The syscall succeeded (`bytes` read/written, 0 for connect).
+    Ok(usize),
+    /// The syscall failed with this errno.
+    Errno(i32),
+    /// The process was killed by this signal.
+    Killed(i32),
+    /// An exec'd program exited with this code.
+    Exited(i32),
+}
+
+pub const EPERM: i32 = libc::EPERM;
+pub const SIGKILL: i32 = libc::SIGKILL;
+
+fn probe_bin() -> PathBuf {
+    std::env::var_os("PORTCULLIS_PROBE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/portcullis-probe"))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs the probe in `cg` with `args` (see `src/bin/probe.rs`).
+pub fn probe(cg: &Cgroup, args: &[&str]) -> Outcome {
+    let out = Command::new(probe_bin())
+        .arg(cg.dir_str())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", probe_bin().display()));
+    if let Some(sig) = out.status.signal() {
+        return Outcome::Killed(sig);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or("");
+    match serde_json::from_str::<serde_json::Value>(last) {
+        Ok(v) if v["ok"] == true => Outcome::Ok(v["bytes"].as_u64().unwrap_or(0) as usize),
+        Ok(v) if v["ok"] == false => Outcome::Errno(v["errno"].as_i64().unwrap_or(-1) as i32),
+        _ => {
+            let code = out.status.code().unwrap_or(-1);
+            assert!(
+                !(2..=3).contains(&code) || args.first() == Some(&"exec"),
+                "probe failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Outcome::Exited(code)
+        }
+    }
+}
+
+/// A running agent with its own policy directory, decision log and metrics
+/// port. Killed on drop.
+pub struct Agent {
+    child: Child,
+    pub dir: PathBuf,
+    pub port: u16,
+    reloads_seen: f64,
+}
+
+fn agent_bin() -> PathBuf {
+    std::env::var_os("PORTCULLIS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/portcullis"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique(&format!("portcullis-{tag}")));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+    pub fn str(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Agent {
+    /// Starts the agent on `policy` (YAML text) and waits until `/readyz`
+    /// answers 200.
+    pub fn start(policy: &str) -> Self {
+        Self::start_with(policy, &[])
+    }
+
+    pub fn start_with(policy: &str, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(unique("portcullis-agent"));
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::write(dir.join("policies/policy.yaml"), policy).unwrap();
+        let port = free_port();
+        let child = Command::new(agent_bin())
+            .args(["run", "--policy"])
+            .arg(dir.join("policies"))
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .arg("--decisions-file")
+            .arg(dir.join("decisions.jsonl"))
+            .args(["--watch-interval", "3600"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", agent_bin().display()));
+        let mut agent = Self { child, dir, port, reloads_seen: 0.0 };
+        agent.wait_until("agent ready", Duration::from_secs(60), |a| {
+            a.http("/readyz").is_some_and(|(code, _)| code == 200)
+        });
+        agent.reloads_seen = agent.metric("portcullis_policy_reloads_total{result=\"success\"}");
+        agent
+    }
+
+    /// Polls `cond` until it holds; panics with the agent's log otherwise.
+    pub fn wait_until(&mut self, what: &str, limit: Duration, mut cond: impl FnMut(&mut Self) -> bool) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if cond(self) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("agent exited ({status}) while waiting for {what}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out after {limit:?} waiting for {what}; agent log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// `GET path` → (status, body).
+    pub fn http(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let code = resp.split_whitespace().nth(1)?.parse().ok()?;
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// The value of one sample (`name{labels}` exactly as exposed), 0 if absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.http("/metrics").expect("metrics endpoint");
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Replaces the policy, sends SIGHUP, and waits for the reload's result.
+    /// Returns true if the agent accepted it.
+    pub fn reload(&mut self, policy: &str) -> bool {
+        let failures = self.metric("portcullis_policy_reloads_total{result=\"failure\"}");
+        std::fs::write(self.dir.join("policies/policy.yaml"), policy).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        let before = self.reloads_seen;
+        let mut ok = false;
+        self.wait_until("policy reload", Duration::from_secs(30), |a| {
+            let s = a.metric("portcullis_policy_reloads_total{result=\"success\"}");
+            let f = a.metric("portcullis_policy_reloads_total{result=\"failure\"}");
+            ok = s > before;
+            ok || f > failures
+        });
+        self.reloads_seen = self.metric("portcullis_policy_reloads_total{result=\"success\"}");
+        ok
+    }
+
+    /// Every decision line logged so far.
+    pub fn decisions(&self) -> Vec<serde_json::Value> {
+        let Ok(f) = std::fs::File::open(self.dir.join("decisions.jsonl")) else { return vec![] };
+        std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad decision line {l}: {e}")))
+            .collect()
+    }
+
+    /// Waits for a decision line matching `pred` and returns it.
+    pub fn wait_decision(&mut self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let mut found = None;
+        self.wait_until(what, Duration::from_secs(10), |a| {
+            found = a.decisions().into_iter().find(|d| pred(d));
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    /// The backend the agent chose for a hook (from its metrics).
+    pub fn backend(&self, hook: &str) -> String {
+        let (_, body) = self.http("/metrics").expect("metrics endpoint");
+        let prefix = format!("portcullis_backend{{hook=\"{hook}\",backend=\"");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.split('"').next().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// What a denied exec/open looks like on this agent's backend: EPERM
+    /// with BPF-LSM, SIGKILL with the tracepoint fallback.
+    pub fn denied(&self, hook: &str) -> Outcome {
+        match self.backend(hook).as_str() {
+            "lsm" => Outcome::Errno(EPERM),
+            _ => Outcome::Killed(SIGKILL),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("agent log ({}):\n{}", self.dir.display(), self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A loopback TCP listener that accepts in the background.
+pub struct Listener {
+    pub port: u16,
+}
+
+impl Listener {
+    pub fn new(ip: &str) -> Self {
+        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || for _ in l.incoming() {});
+        Self { port }
+    }
+}
+
+/// Header every test policy starts with.
+pub fn policy_header(name: &str, mode: &str, cgroup_glob: &str) -> String {
+    format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: {name}\nspec:\n  mode: {mode}\n  selector:\n    cgroupPath: \"{cgroup_glob}\"\n"
+    )
+}

@@ -1,1 +1,85 @@
-fn main() {}
+//! `portcullis-probe <cgroup-dir> <op> [args..]`: joins a cgroup, then makes
+//! one real syscall and reports the outcome as one JSON line on stdout:
+//! `{"ok":true,"bytes":N}` or `{"ok":false,"errno":E}`. For `exec` the
+//! process is replaced; the caller reads the exit status instead.
+//!
+//! Ops: `connect IP PORT [tcp|udp]`, `sendto IP PORT`, `read PATH`,
+//! `write PATH`, `read-in DIR RELPATH` (chdir, then a relative open),
+//! `exec PATH [ARGS..]`.
+
+use std::{
+    ffi::CString,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::ExitCode,
+};
+
+fn report(result: std::io::Result<usize>) -> ExitCode {
+    let line = match &result {
+        Ok(n) => format!("{{\"ok\":true,\"bytes\":{n}}}"),
+        Err(e) => format!("{{\"ok\":false,\"errno\":{}}}", e.raw_os_error().unwrap_or(-1)),
+    };
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+    if result.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn join_cgroup(dir: &str) -> std::io::Result<()> {
+    std::fs::write(format!("{dir}/cgroup.procs"), b"0")
+}
+
+fn addr(ip: &str, port: &str) -> SocketAddr {
+    let ip: std::net::IpAddr = ip.parse().expect("ip");
+    SocketAddr::new(ip, port.parse().expect("port"))
+}
+
+fn read_all(path: &str) -> std::io::Result<usize> {
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?.read_to_end(&mut buf)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [cgroup, op, rest @ ..] = args.as_slice() else {
+        eprintln!("usage: portcullis-probe CGROUP_DIR OP [ARGS..]");
+        return ExitCode::from(2);
+    };
+    if let Err(e) = join_cgroup(cgroup) {
+        eprintln!("joining cgroup {cgroup}: {e}");
+        return ExitCode::from(3);
+    }
+    let result = match (op.as_str(), rest) {
+        ("connect", [ip, port]) | ("connect", [ip, port, _]) if rest.get(2).is_none_or(|p| p == "tcp") => {
+            TcpStream::connect(addr(ip, port)).map(|_| 0)
+        }
+        ("connect", [ip, port, _udp]) => {
+            let a = addr(ip, port);
+            let bind = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            UdpSocket::bind(bind).and_then(|s| s.connect(a)).map(|_| 0)
+        }
+        ("sendto", [ip, port]) => {
+            let a = addr(ip, port);
+            let bind = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            UdpSocket::bind(bind).and_then(|s| s.send_to(b"probe", a))
+        }
+        ("read", [path]) => read_all(path),
+        ("write", [path]) => std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write(b"probe")),
+        ("read-in", [dir, rel]) => std::env::set_current_dir(dir).and_then(|()| read_all(rel)),
+        ("exec", [path, argv @ ..]) => {
+            let c = |s: &str| CString::new(s).expect("nul in arg");
+            let prog = c(path);
+            let mut all = vec![prog.clone()];
+            all.extend(argv.iter().map(|a| c(a)));
+            let err = nix::unistd::execv(&prog, &all).unwrap_err();
+            Err(std::io::Error::from_raw_os_error(err as i32))
+        }
+        _ => {
+            eprintln!("unknown op {op} {rest:?}");
+            return ExitCode::from(2);
+        }
+    };
+    report(result)
+}

@@ -1,0 +1,265 @@
+//! End to end: a real agent process, real cgroups, real syscalls. Each test
+//! applies a policy, makes the syscall from a process in a cgroup the policy
+//! selects, checks the kernel's answer (EPERM, or SIGKILL on the tracepoint
+//! backend), then changes the policy and checks the call succeeds again.
+
+use portcullis_tests::{
+    Agent, Cgroup, EPERM, Listener, Outcome, TempDir, policy_header, probe, require_kernel,
+};
+
+fn egress_policy(cg: &Cgroup, mode: &str, body: &str) -> String {
+    format!("{}  network:\n    egress:\n{body}", policy_header("egress", mode, &cg.path))
+}
+
+#[test]
+fn connect_deny_rule_blocks_only_the_selected_cgroup_until_removed() {
+    require_kernel!();
+    let listener = Listener::new("127.0.0.1");
+    let port = listener.port.to_string();
+    let cg = Cgroup::create("connect");
+    let other = Cgroup::create("bystander");
+    let deny = egress_policy(
+        &cg,
+        "enforce",
+        &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"], protocol: tcp }}\n"),
+    );
+    let mut agent = Agent::start(&deny);
+
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    assert_eq!(probe(&other, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+    // IPv4-mapped IPv6 reaches the same rule through connect6.
+    assert_eq!(probe(&cg, &["connect", "::ffff:127.0.0.1", &port]), Outcome::Errno(EPERM));
+
+    let d = agent.wait_decision("connect deny line", |d| {
+        d["action"] == "connect" && d["workload"]["cgroup"] == cg.path.as_str()
+    });
+    assert_eq!(d["verdict"], "deny");
+    assert_eq!(d["policy"], "egress");
+    assert!(d["rule"].as_str().unwrap().starts_with("network.egress.deny[0] 127.0.0.1/32"), "{d}");
+    assert_eq!(d["target"]["ip"], "127.0.0.1");
+    assert_eq!(d["target"]["port"], listener.port);
+    assert_eq!(d["target"]["protocol"], "tcp");
+    assert_eq!(d["backend"], "cgroup_sock_addr");
+    assert_eq!(d["comm"], "portcullis-prob");
+    for field in ["time", "pid", "exe", "workload"] {
+        assert!(!d[field].is_null(), "missing {field} in {d}");
+    }
+    assert_eq!(d["workload"]["uid"], 0);
+
+    assert!(agent.reload(&egress_policy(&cg, "enforce", "      default: allow\n")));
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+}
+
+#[test]
+fn default_deny_egress_allows_listed_ports_and_blocks_udp_sendto() {
+    require_kernel!();
+    let open = Listener::new("127.0.0.1");
+    let closed = Listener::new("127.0.0.1");
+    let cg = Cgroup::create("default-deny");
+    let policy = egress_policy(
+        &cg,
+        "enforce",
+        &format!(
+            "      default: deny\n      allow:\n        - {{ cidr: 127.0.0.0/8, ports: [\"{}\"], protocol: tcp }}\n",
+            open.port
+        ),
+    );
+    let mut agent = Agent::start(&policy);
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &open.port.to_string()]), Outcome::Ok(0));
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &closed.port.to_string()]),
+        Outcome::Errno(EPERM)
+    );
+    // Unconnected UDP goes through sendmsg4: no bypass.
+    assert_eq!(probe(&cg, &["sendto", "127.0.0.1", "9"]), Outcome::Errno(EPERM));
+    let d = agent.wait_decision("default deny line", |d| d["target"]["protocol"] == "udp");
+    assert_eq!(d["rule"], "default");
+
+    assert!(agent.reload(&egress_policy(&cg, "enforce", "      default: allow\n")));
+    assert_eq!(probe(&cg, &["sendto", "127.0.0.1", "9"]), Outcome::Ok(5));
+}
+
+#[test]
+fn audit_mode_blocks_nothing_and_logs_would_deny() {
+    require_kernel!();
+    let l = Listener::new("127.0.0.1");
+    let cg = Cgroup::create("audit");
+    let tmp = TempDir::new("audit");
+    std::fs::create_dir_all(tmp.path("secret")).unwrap();
+    std::fs::write(tmp.path("secret/key"), b"hunter2").unwrap();
+    let policy = format!(
+        "{}  network:\n    egress:\n      default: deny\n  files:\n    - {{ path: \"{}/secret/**\", access: none }}\n",
+        policy_header("audited", "audit", &cg.path),
+        tmp.0.display()
+    );
+    let mut agent = Agent::start(&policy);
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &l.port.to_string()]), Outcome::Ok(0));
+    assert_eq!(probe(&cg, &["read", &tmp.str("secret/key")]), Outcome::Ok(7));
+    let c = agent.wait_decision("audit connect", |d| d["action"] == "connect");
+    assert_eq!(c["verdict"], "audit");
+    let o = agent.wait_decision("audit open", |d| d["action"] == "open");
+    assert_eq!(o["verdict"], "audit");
+    assert_eq!(o["target"]["path"], tmp.str("secret/key"));
+}
+
+#[test]
+fn exec_default_deny_kills_unlisted_binaries_and_allows_listed_ones() {
+    require_kernel!();
+    let tmp = TempDir::new("exec");
+    std::fs::create_dir_all(tmp.path("bin")).unwrap();
+    std::fs::copy("/bin/true", tmp.path("bin/allowed")).unwrap();
+    std::fs::copy("/bin/true", tmp.path("bin/denied")).unwrap();
+    std::os::unix::fs::symlink(tmp.path("bin/denied"), tmp.path("alias")).unwrap();
+    let cg = Cgroup::create("exec");
+    let policy = format!(
+        "{}  exec:\n    default: deny\n    allow: [\"{}\"]\n",
+        policy_header("exec-allowlist", "enforce", &cg.path),
+        tmp.str("bin/allowed")
+    );
+    let mut agent = Agent::start(&policy);
+    let denied = agent.denied("exec");
+    assert_eq!(probe(&cg, &["exec", &tmp.str("bin/allowed")]), Outcome::Exited(0));
+    assert_eq!(probe(&cg, &["exec", &tmp.str("bin/denied")]), denied);
+    assert_eq!(probe(&cg, &["exec", &tmp.str("alias")]), denied, "symlink bypass");
+    let d = agent.wait_decision("exec deny line", |d| d["action"] == "exec");
+    assert_eq!(d["verdict"], "deny");
+    assert_eq!(d["rule"], "default");
+    assert_eq!(d["target"]["access"], "exec");
+
+    let allow_both = format!(
+        "{}  exec:\n    default: deny\n    allow: [\"{}/bin/*\"]\n",
+        policy_header("exec-allowlist", "enforce", &cg.path),
+        tmp.0.display()
+    );
+    assert!(agent.reload(&allow_both));
+    assert_eq!(probe(&cg, &["exec", &tmp.str("bin/denied")]), Outcome::Exited(0));
+}
+
+fn files_policy(cg: &Cgroup, rules: &str) -> String {
+    format!("{}  files:\n{rules}", policy_header("datasets", "enforce", &cg.path))
+}
+
+#[test]
+fn denied_file_stays_denied_through_every_path_to_it() {
+    require_kernel!();
+    let tmp = TempDir::new("files");
+    std::fs::create_dir_all(tmp.path("data/pii/sub")).unwrap();
+    std::fs::create_dir_all(tmp.path("mnt")).unwrap();
+    std::fs::write(tmp.path("data/pii/sub/rows.csv"), b"alice,bob").unwrap();
+    std::fs::write(tmp.path("data/public.csv"), b"ok").unwrap();
+    std::os::unix::fs::symlink(tmp.path("data/pii/sub/rows.csv"), tmp.path("link.csv")).unwrap();
+    nix::mount::mount(
+        Some(&tmp.path("data/pii")),
+        &tmp.path("mnt"),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind mount");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(tmp.path("mnt"));
+
+    let cg = Cgroup::create("files");
+    let other = Cgroup::create("files-bystander");
+    let rule = format!("    - {{ path: \"{}/data/pii/**\", access: none }}\n", tmp.0.display());
+    let mut agent = Agent::start(&files_policy(&cg, &rule));
+    let denied = agent.denied("open");
+
+    let direct = tmp.str("data/pii/sub/rows.csv");
+    let via_proc_root = format!("/proc/self/root{direct}");
+    let via_dotdot = format!("{}/data/public/../pii/sub/rows.csv", tmp.0.display());
+    std::fs::create_dir_all(tmp.path("data/public")).unwrap();
+    for path in [direct.as_str(), &tmp.str("link.csv"), &via_proc_root, &via_dotdot, &tmp.str("mnt/sub/rows.csv")] {
+        assert_eq!(probe(&cg, &["read", path]), denied, "open {path}");
+    }
+    assert_eq!(probe(&cg, &["read-in", &tmp.str("data/pii"), "sub/rows.csv"]), denied, "relative path");
+    assert_eq!(probe(&cg, &["read", &tmp.str("data/public.csv")]), Outcome::Ok(2));
+    assert_eq!(probe(&other, &["read", &direct]), Outcome::Ok(9));
+
+    let d = agent.wait_decision("open deny line", |d| d["action"] == "open");
+    assert_eq!(d["verdict"], "deny");
+    assert_eq!(d["policy"], "datasets");
+    assert_eq!(d["target"]["access"], "read");
+    assert!(d["target"]["path"].as_str().unwrap().ends_with("/sub/rows.csv"), "{d}");
+
+    assert!(agent.reload(&files_policy(&cg, "    []\n")) || agent.reload(&policy_header("datasets", "enforce", &cg.path)));
+    assert_eq!(probe(&cg, &["read", &direct]), Outcome::Ok(9));
+}
+
+#[test]
+fn read_only_and_only_from_rules() {
+    require_kernel!();
+    let tmp = TempDir::new("onlyfrom");
+    std::fs::create_dir_all(tmp.path("secrets")).unwrap();
+    std::fs::write(tmp.path("secrets/token"), b"t0ken").unwrap();
+    let cg = Cgroup::create("onlyfrom");
+    let probe_exe = std::fs::canonicalize(std::env::var("PORTCULLIS_PROBE").unwrap_or_else(|_| {
+        format!("{}/../target/debug/portcullis-probe", env!("CARGO_MANIFEST_DIR"))
+    }))
+    .unwrap();
+    let read_only = format!("    - {{ path: \"{}/secrets/**\", access: read }}\n", tmp.0.display());
+    let mut agent = Agent::start(&files_policy(&cg, &read_only));
+    let denied = agent.denied("open");
+    assert_eq!(probe(&cg, &["read", &tmp.str("secrets/token")]), Outcome::Ok(5));
+    assert_eq!(probe(&cg, &["write", &tmp.str("secrets/token")]), denied);
+
+    let only_true = format!(
+        "    - {{ path: \"{}/secrets/**\", access: read, onlyFrom: [\"/bin/true\"] }}\n",
+        tmp.0.display()
+    );
+    assert!(agent.reload(&files_policy(&cg, &only_true)));
+    assert_eq!(probe(&cg, &["read", &tmp.str("secrets/token")]), denied, "not from an onlyFrom binary");
+
+    let only_probe = format!(
+        "    - {{ path: \"{}/secrets/**\", access: read, onlyFrom: [\"{}\"] }}\n",
+        tmp.0.display(),
+        probe_exe.display()
+    );
+    assert!(agent.reload(&files_policy(&cg, &only_probe)));
+    assert_eq!(probe(&cg, &["read", &tmp.str("secrets/token")]), Outcome::Ok(5));
+}
+
+#[test]
+fn new_cgroups_are_governed_child_inherits_at_once_and_new_top_level_is_classified_fast() {
+    require_kernel!();
+    let l = Listener::new("127.0.0.1");
+    let port = l.port.to_string();
+    let parent = Cgroup::create("late-parent");
+    let late_name = portcullis_tests::unique("portcullis-e2e-late");
+    let two = format!(
+        "{}  network:\n    egress:\n      default: deny\n---\n{}  network:\n    egress:\n      default: deny\n",
+        policy_header("late-a", "enforce", &format!("{}/**", parent.path)),
+        policy_header("late-b", "enforce", &format!("/{late_name}/**"))
+    );
+    let mut agent = Agent::start(&two);
+    // A child created after start inherits its parent's identity in the
+    // kernel from its first syscall: no window.
+    let child = parent.child("child");
+    assert_eq!(probe(&child, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    // A new top-level cgroup is classified from the cgroup_mkdir event.
+    let late = Cgroup::create_named(&late_name);
+    let started = std::time::Instant::now();
+    agent.wait_until("new cgroup classified", std::time::Duration::from_secs(2), |_| {
+        probe(&late, &["connect", "127.0.0.1", &port]) == Outcome::Errno(EPERM)
+    });
+    eprintln!("new top-level cgroup governed after {:?}", started.elapsed());
+}
+
+#[test]
+fn a_bad_policy_is_rejected_and_the_enforced_one_stays() {
+    require_kernel!();
+    let l = Listener::new("127.0.0.1");
+    let port = l.port.to_string();
+    let cg = Cgroup::create("bad-reload");
+    let mut agent = Agent::start(&egress_policy(&cg, "enforce", "      default: deny\n"));
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    let bad = egress_policy(&cg, "enforce", "      default: deny\n      bogus: 1\n");
+    assert!(!agent.reload(&bad), "a policy with an unknown field must be rejected");
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    assert!(agent.log().contains("bogus"), "the log names the bad field:\n{}", agent.log());
+}
