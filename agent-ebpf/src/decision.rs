@@ -40,6 +40,7 @@ impl Decision {
 }
 
 /// Rule matches gathered while scanning the rules that apply to a request.
+#[derive(Clone, Copy)]
 pub struct Matches {
     enforce_deny: Option<Hit>,
     audit_deny: Option<Hit>,

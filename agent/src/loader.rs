@@ -67,6 +67,11 @@ pub enum LoaderError {
         #[source]
         source: ProgramError,
     },
+    #[error("program {program} was skipped ({reason}) and has no fallback")]
+    NoFallback {
+        program: &'static str,
+        reason: String,
+    },
     #[error("opening cgroup {path} for program {program}")]
     Cgroup {
         program: &'static str,
@@ -359,7 +364,11 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         };
         let result = match skip_reason {
             Some(reason) => Err(reason.to_owned()),
-            None => attach(&mut ebpf, spec, opts, &kbtf).map_err(|e| error_chain(&e)),
+            None => match (attach(&mut ebpf, spec, opts, &kbtf), spec.fallback) {
+                (Ok(()), _) => Ok(()),
+                (Err(e), Some(_)) => Err(error_chain(&e)),
+                (Err(e), None) => return Err(e),
+            },
         };
         let used = match (result, spec.fallback) {
             (Ok(()), _) => spec,
@@ -380,10 +389,13 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
                 attach(&mut ebpf, fb, opts, &kbtf)?;
                 fb
             }
-            (Err(_), None) => {
-                // Only LSM programs can be skipped, and they all have one.
-                attach(&mut ebpf, spec, opts, &kbtf)?;
-                spec
+            // Only LSM programs are skipped, and they all have a fallback
+            // (checked by a unit test).
+            (Err(reason), None) => {
+                return Err(LoaderError::NoFallback {
+                    program: spec.program,
+                    reason,
+                });
             }
         };
         match used.action {
@@ -449,7 +461,11 @@ fn attach(
                 path: opts.cgroup_root.clone(),
                 source,
             })?;
-            p.attach(cgroup, CgroupAttachMode::AllowMultiple)
+            // aya attaches with bpf_link_create (kernel >= 5.7), and cgroup
+            // links always coexist with other programs (multi semantics);
+            // that syscall rejects BPF_F_ALLOW_MULTI with EINVAL, so the
+            // mode must be the default here.
+            p.attach(cgroup, CgroupAttachMode::Single)
                 .map_err(attach_err)?;
         }
         Hook::Lsm(name) => {

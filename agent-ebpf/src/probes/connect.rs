@@ -5,10 +5,12 @@
 //! and is counted in `COUNTER_ERR_CONNECT`. A cgroup missing from the
 //! identity map is not an error: it takes its ancestor's identity.
 
-use aya_ebpf::{macros::cgroup_sock_addr, maps::lpm_trie::Key, programs::SockAddrContext};
+use core::ffi::c_void;
+
+use aya_ebpf::{helpers::generated::bpf_loop, macros::cgroup_sock_addr, maps::lpm_trie::Key, programs::SockAddrContext};
 use portcullis_common::{
     ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET,
-    IDENTITY_UNRESTRICTED, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, RULE_LOG_ALLOW, VERDICT_ALLOW,
+    IDENTITY_UNRESTRICTED, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet, RULE_LOG_ALLOW, VERDICT_ALLOW,
     VERDICT_DENY,
 };
 
@@ -87,30 +89,56 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool) -> Result<u8, ()> {
         data[0..4].copy_from_slice(&id.to_be_bytes());
         data[4..20].copy_from_slice(&addr);
         let key = Key::new((NET_KEY_DATA_LEN * 8) as u32, data);
-        let mut m = Matches::new();
+        let mut scan = NetScan { set: core::ptr::null(), port, proto, m: Matches::new() };
         if let Some(set) = NET_RULES.get(&key) {
-            let mut i = 0;
-            while i < NET_RULES_PER_PREFIX {
-                if i as u32 >= set.count {
-                    break;
-                }
-                let r = &set.rules[i];
-                i += 1;
-                if port < r.port_lo || port > r.port_hi || (r.proto != 0 && r.proto != proto) {
-                    continue;
-                }
-                let hit = Hit { rule_id: r.rule_id, policy_bit: r.policy_bit, depth: 0 };
-                if r.verdict == VERDICT_DENY {
-                    m.deny(r.mode, hit);
-                } else {
-                    m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
-                }
-            }
+            scan.set = set;
+            // bpf_loop: the verifier checks the body once instead of every
+            // combination of matches over 16 unrolled iterations (which blew
+            // the 1M instruction budget).
+            // SAFETY: `net_rule` only touches `scan` through the pointer.
+            unsafe {
+                bpf_loop(
+                    NET_RULES_PER_PREFIX as u32,
+                    net_rule as *mut c_void,
+                    (&mut scan as *mut NetScan).cast(),
+                    0,
+                )
+            };
         }
+        let m = scan.m;
         m.finish(cfg.net_deny_enforce, cfg.net_deny_audit)
     };
     report(cgid, id, &d, &addr, port, proto, if v6 { 6 } else { 4 });
     Ok(d.verdict)
+}
+
+struct NetScan {
+    set: *const NetRuleSet,
+    port: u16,
+    proto: u8,
+    m: Matches,
+}
+
+/// One rule of a `NetRuleSet`; returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn net_rule(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `NetScan`, `set` a live map value.
+    let scan = unsafe { &mut *(ctx as *mut NetScan) };
+    let set = unsafe { &*scan.set };
+    if i >= NET_RULES_PER_PREFIX as u64 || i as u32 >= set.count {
+        return 1;
+    }
+    let r = &set.rules[i as usize];
+    if scan.port < r.port_lo || scan.port > r.port_hi || (r.proto != 0 && r.proto != scan.proto) {
+        return 0;
+    }
+    let hit = Hit { rule_id: r.rule_id, policy_bit: r.policy_bit, depth: 0 };
+    if r.verdict == VERDICT_DENY {
+        scan.m.deny(r.mode, hit);
+    } else {
+        scan.m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
+    }
+    0
 }
 
 #[inline(always)]

@@ -18,9 +18,9 @@ use portcullis_common::{
 
 use crate::{
     identity,
-    inode::{self, Request},
+    inode::{self, Request, RuleMap},
     kernel::{current_exe, offsets, read, read_ptr},
-    maps::{EXEC_RULES, count, count_decision},
+    maps::{count, count_decision},
 };
 
 const SIGKILL: u32 = 9;
@@ -84,7 +84,7 @@ fn try_exec(bprm: *const u8, backend: u8) -> Result<u8, i64> {
         deny_enforce: cfg.exec_deny_enforce,
         deny_audit: cfg.exec_deny_audit,
     };
-    let out = inode::decide(&o, &EXEC_RULES, file, &req)?;
+    let out = inode::decide(&o, RuleMap::Exec, file, &req)?;
     let filename = read::<u64>(bprm, o.linux_binprm_filename).ok().map(|p| p as *const u8);
     inode::report(&o, ACTION_EXEC, backend, &req, &out, Some(filename.unwrap_or(core::ptr::null())));
     Ok(out.decision.verdict)

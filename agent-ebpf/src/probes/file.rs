@@ -19,9 +19,9 @@ use portcullis_common::{
 
 use crate::{
     identity,
-    inode::{self, Request},
+    inode::{self, Request, RuleMap},
     kernel::{current_exe, offsets, read, read_ptr},
-    maps::{FILE_RULES, count, count_decision},
+    maps::{count, count_decision},
 };
 
 const SIGKILL: u32 = 9;
@@ -124,7 +124,7 @@ fn try_open(file: *const u8, backend: u8) -> Result<u8, i64> {
     }
     let exe = current_exe(&o)?;
     let req = Request { cgroup_id: cgid, identity: id, requested, exe, deny_enforce: 0, deny_audit: 0 };
-    let out = inode::decide(&o, &FILE_RULES, file, &req)?;
+    let out = inode::decide(&o, RuleMap::File, file, &req)?;
     inode::report(&o, ACTION_OPEN, backend, &req, &out, None);
     Ok(out.decision.verdict)
 }
