@@ -2,8 +2,10 @@
 //! every hook, and the common part of the event record.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::bpf_ktime_get_boot_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::bpf_ktime_get_boot_ns,
+    },
     maps::ring_buf::RingBufEntry,
 };
 use portcullis_common::{
@@ -52,7 +54,12 @@ pub struct Matches {
 impl Matches {
     #[inline(always)]
     pub const fn new() -> Self {
-        Self { enforce_deny: None, audit_deny: None, logged_allow: None, allowed_by: 0 }
+        Self {
+            enforce_deny: None,
+            audit_deny: None,
+            logged_allow: None,
+            allowed_by: 0,
+        }
     }
 
     /// Records a rule that denies the request.
@@ -89,21 +96,41 @@ impl Matches {
     #[inline(always)]
     pub fn finish(self, deny_enforce: u32, deny_audit: u32) -> Decision {
         if let Some(hit) = self.enforce_deny {
-            return Decision { verdict: VERDICT_DENY, hit, log: false };
+            return Decision {
+                verdict: VERDICT_DENY,
+                hit,
+                log: false,
+            };
         }
         let unmet = deny_enforce & !self.allowed_by;
         if unmet != 0 {
-            return Decision { verdict: VERDICT_DENY, hit: default_hit(unmet), log: false };
+            return Decision {
+                verdict: VERDICT_DENY,
+                hit: default_hit(unmet),
+                log: false,
+            };
         }
         if let Some(hit) = self.audit_deny {
-            return Decision { verdict: VERDICT_AUDIT, hit, log: false };
+            return Decision {
+                verdict: VERDICT_AUDIT,
+                hit,
+                log: false,
+            };
         }
         let unmet = deny_audit & !self.allowed_by;
         if unmet != 0 {
-            return Decision { verdict: VERDICT_AUDIT, hit: default_hit(unmet), log: false };
+            return Decision {
+                verdict: VERDICT_AUDIT,
+                hit: default_hit(unmet),
+                log: false,
+            };
         }
         match self.logged_allow {
-            Some(hit) => Decision { verdict: VERDICT_ALLOW, hit, log: true },
+            Some(hit) => Decision {
+                verdict: VERDICT_ALLOW,
+                hit,
+                log: true,
+            },
             None => allow(),
         }
     }
@@ -114,7 +141,11 @@ impl Matches {
 pub const fn allow() -> Decision {
     Decision {
         verdict: VERDICT_ALLOW,
-        hit: Hit { rule_id: RULE_ID_DEFAULT, policy_bit: 0, depth: 0 },
+        hit: Hit {
+            rule_id: RULE_ID_DEFAULT,
+            policy_bit: 0,
+            depth: 0,
+        },
         log: false,
     }
 }
@@ -122,7 +153,11 @@ pub const fn allow() -> Decision {
 /// The default of the lowest policy in `mask` (non-zero).
 #[inline(always)]
 fn default_hit(mask: u32) -> Hit {
-    Hit { rule_id: RULE_ID_DEFAULT, policy_bit: lowest_bit(mask), depth: 0 }
+    Hit {
+        rule_id: RULE_ID_DEFAULT,
+        policy_bit: lowest_bit(mask),
+        depth: 0,
+    }
 }
 
 /// Index of the lowest set bit, by binary search: `trailing_zeros` may
@@ -226,4 +261,3 @@ pub unsafe fn fill_decision(e: *mut Event, action: u8, backend: u8, d: &Decision
         (*e).depth = d.hit.depth;
     }
 }
-

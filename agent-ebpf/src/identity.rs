@@ -1,8 +1,6 @@
 //! Which workload the current task belongs to.
 
-use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, generated::bpf_get_current_ancestor_cgroup_id,
-};
+use aya_ebpf::helpers::{bpf_get_current_cgroup_id, generated::bpf_get_current_ancestor_cgroup_id};
 use portcullis_common::{
     COUNTER_UNCLASSIFIED, IDENTITY_UNRESTRICTED, IdentityConfig, MAX_CGROUP_DEPTH,
 };

@@ -60,7 +60,12 @@ struct Walk {
 /// Decides `req` on `file`. Errors are kernel reads that failed; callers
 /// count them and fail open.
 #[inline(always)]
-pub fn decide(o: &KernelOffsets, map: RuleMap, file: *const u8, req: &Request) -> Result<Outcome, i64> {
+pub fn decide(
+    o: &KernelOffsets,
+    map: RuleMap,
+    file: *const u8,
+    req: &Request,
+) -> Result<Outcome, i64> {
     let leaf = read_ptr(file, o.file_dentry)?;
     let (dev, ino) = dentry_id(o, leaf)?;
     let mut w = Walk {
@@ -79,13 +84,23 @@ pub fn decide(o: &KernelOffsets, map: RuleMap, file: *const u8, req: &Request) -
     // 4 rules x every combination of earlier matches.
     // SAFETY: `walk_level` only touches `w` through the pointer.
     unsafe {
-        bpf_loop(MAX_PATH_DEPTH, walk_level as *mut c_void, (&mut w as *mut Walk).cast(), 0)
+        bpf_loop(
+            MAX_PATH_DEPTH,
+            walk_level as *mut c_void,
+            (&mut w as *mut Walk).cast(),
+            0,
+        )
     };
     if w.err != 0 {
         return Err(w.err);
     }
     let m = w.m;
-    Ok(Outcome { decision: m.finish(req.deny_enforce, req.deny_audit), dentry: leaf, dev, ino })
+    Ok(Outcome {
+        decision: m.finish(req.deny_enforce, req.deny_audit),
+        dentry: leaf,
+        dev,
+        ino,
+    })
 }
 
 /// One directory level: look (dev, ino) up, apply its rules, step to the
@@ -99,7 +114,11 @@ extern "C" fn walk_level(_i: u64, ctx: *mut c_void) -> i64 {
         w.err = -1;
         return 1;
     };
-    let key = InodeKey { identity: w.identity, dev: w.dev, ino: w.ino };
+    let key = InodeKey {
+        identity: w.identity,
+        dev: w.dev,
+        ino: w.ino,
+    };
     let set = match w.map {
         RuleMap::Exec => EXEC_RULES.get_ptr(&key),
         RuleMap::File => FILE_RULES.get_ptr(&key),
@@ -172,10 +191,18 @@ extern "C" fn inode_rule(i: u64, ctx: *mut c_void) -> i64 {
     if depth > 0 && r.flags & RULE_SUBTREE == 0 {
         return 0;
     }
-    let hit = Hit { rule_id: r.rule_id, policy_bit: r.policy_bit, depth };
+    let hit = Hit {
+        rule_id: r.rule_id,
+        policy_bit: r.policy_bit,
+        depth,
+    };
     let denied = w.requested & !r.allow_mask != 0
         || (r.only_from != 0 && {
-            let key = InodeKey { identity: r.only_from, dev: w.exe.0, ino: w.exe.1 };
+            let key = InodeKey {
+                identity: r.only_from,
+                dev: w.exe.0,
+                ino: w.exe.1,
+            };
             ONLY_FROM.get_ptr(&key).is_none()
         });
     if denied {
@@ -203,7 +230,9 @@ pub fn report(
     if !d.emits() {
         return;
     }
-    let Some(mut entry) = reserve_decision() else { return };
+    let Some(mut entry) = reserve_decision() else {
+        return;
+    };
     let e: *mut Event = entry.as_mut_ptr();
     // SAFETY: `e` is the reserved entry.
     unsafe {
@@ -214,19 +243,27 @@ pub fn report(
         (*e).exe_dev = req.exe.0;
         (*e).exe_ino = req.exe.1;
         (*e).access = req.requested;
-        let slots = if filename.is_some() { EVENT_NAMES - 1 } else { EVENT_NAMES };
+        let slots = if filename.is_some() {
+            EVENT_NAMES - 1
+        } else {
+            EVENT_NAMES
+        };
         let mut dentry = out.dentry;
         let mut i = 0;
         while i < EVENT_NAMES {
             if i >= slots {
                 break;
             }
-            let Ok(name) = read_ptr(dentry, o.dentry_d_name) else { break };
+            let Ok(name) = read_ptr(dentry, o.dentry_d_name) else {
+                break;
+            };
             let dst: &mut [u8; EVENT_NAME_LEN] = &mut (*e).names[i];
             if bpf_probe_read_kernel_str_bytes(name, dst).is_err() {
                 dst[0] = 0;
             }
-            let Ok(parent) = read_ptr(dentry, o.dentry_d_parent) else { break };
+            let Ok(parent) = read_ptr(dentry, o.dentry_d_parent) else {
+                break;
+            };
             if parent == dentry {
                 break;
             }

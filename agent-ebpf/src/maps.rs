@@ -23,8 +23,7 @@ pub static IDENTITY_CFG: HashMap<u32, IdentityConfig> = HashMap::with_max_entrie
 /// (identity big-endian ++ IPv6 or IPv4-mapped address, prefix) → port rules
 /// of every CIDR that contains the prefix (the agent flattens them).
 #[map]
-pub static NET_RULES: LpmTrie<[u8; NET_KEY_DATA_LEN], NetRuleSet> =
-    LpmTrie::with_max_entries(1, 0);
+pub static NET_RULES: LpmTrie<[u8; NET_KEY_DATA_LEN], NetRuleSet> = LpmTrie::with_max_entries(1, 0);
 
 /// (identity, dev, ino) of a binary or governed directory → exec rules.
 #[map]

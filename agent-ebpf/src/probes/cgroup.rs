@@ -4,7 +4,7 @@
 //! `COUNTER_MKDIR_LOST` (the agent's periodic rescan catches up).
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel_str_bytes, bpf_get_current_cgroup_id},
+    helpers::{bpf_get_current_cgroup_id, bpf_probe_read_kernel_str_bytes},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
@@ -15,7 +15,9 @@ use crate::decision::{fill_common, reserve};
 #[btf_tracepoint(function = "cgroup_mkdir")]
 pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> u32 {
     let path: *const u8 = ctx.arg(1);
-    let Some(mut entry) = reserve(COUNTER_MKDIR_LOST) else { return 0 };
+    let Some(mut entry) = reserve(COUNTER_MKDIR_LOST) else {
+        return 0;
+    };
     let e: *mut Event = entry.as_mut_ptr();
     // SAFETY: `e` is the reserved entry; `path` is a kernel string.
     unsafe {

@@ -7,11 +7,14 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{helpers::generated::bpf_loop, macros::cgroup_sock_addr, maps::lpm_trie::Key, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::generated::bpf_loop, macros::cgroup_sock_addr, maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
 use portcullis_common::{
     ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET,
-    IDENTITY_UNRESTRICTED, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet, RULE_LOG_ALLOW, VERDICT_ALLOW,
-    VERDICT_DENY,
+    IDENTITY_UNRESTRICTED, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet, RULE_LOG_ALLOW,
+    VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
@@ -69,7 +72,12 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool) -> Result<u8, ()> {
     let sa = unsafe { &*ctx.sock_addr };
     let mut addr = [0u8; 16];
     if v6 {
-        let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let w = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
         addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
         addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
         addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
@@ -89,7 +97,12 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool) -> Result<u8, ()> {
         data[0..4].copy_from_slice(&id.to_be_bytes());
         data[4..20].copy_from_slice(&addr);
         let key = Key::new((NET_KEY_DATA_LEN * 8) as u32, data);
-        let mut scan = NetScan { set: core::ptr::null(), port, proto, m: Matches::new() };
+        let mut scan = NetScan {
+            set: core::ptr::null(),
+            port,
+            proto,
+            m: Matches::new(),
+        };
         if let Some(set) = NET_RULES.get(&key) {
             scan.set = set;
             // bpf_loop: the verifier checks the body once instead of every
@@ -132,7 +145,11 @@ extern "C" fn net_rule(i: u64, ctx: *mut c_void) -> i64 {
     if scan.port < r.port_lo || scan.port > r.port_hi || (r.proto != 0 && r.proto != scan.proto) {
         return 0;
     }
-    let hit = Hit { rule_id: r.rule_id, policy_bit: r.policy_bit, depth: 0 };
+    let hit = Hit {
+        rule_id: r.rule_id,
+        policy_bit: r.policy_bit,
+        depth: 0,
+    };
     if r.verdict == VERDICT_DENY {
         scan.m.deny(r.mode, hit);
     } else {
@@ -147,7 +164,9 @@ fn report(cgid: u64, id: u32, d: &Decision, addr: &[u8; 16], port: u16, proto: u
     if !d.emits() {
         return;
     }
-    let Some(mut entry) = reserve_decision() else { return };
+    let Some(mut entry) = reserve_decision() else {
+        return;
+    };
     let e: *mut Event = entry.as_mut_ptr();
     // SAFETY: `e` is the reserved entry.
     unsafe {

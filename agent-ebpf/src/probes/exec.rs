@@ -85,7 +85,16 @@ fn try_exec(bprm: *const u8, backend: u8) -> Result<u8, i64> {
         deny_audit: cfg.exec_deny_audit,
     };
     let out = inode::decide(&o, RuleMap::Exec, file, &req)?;
-    let filename = read::<u64>(bprm, o.linux_binprm_filename).ok().map(|p| p as *const u8);
-    inode::report(&o, ACTION_EXEC, backend, &req, &out, Some(filename.unwrap_or(core::ptr::null())));
+    let filename = read::<u64>(bprm, o.linux_binprm_filename)
+        .ok()
+        .map(|p| p as *const u8);
+    inode::report(
+        &o,
+        ACTION_EXEC,
+        backend,
+        &req,
+        &out,
+        Some(filename.unwrap_or(core::ptr::null())),
+    );
     Ok(out.decision.verdict)
 }

@@ -12,9 +12,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, LsmContext},
 };
 use portcullis_common::{
-    ACCESS_READ, ACCESS_WRITE, ACTION_OPEN, BACKEND_LSM, BACKEND_TRACEPOINT_KILL,
-    COUNTER_ERR_OPEN, HAS_FILES, IDENTITY_UNRESTRICTED, KernelOffsets, VERDICT_ALLOW,
-    VERDICT_DENY,
+    ACCESS_READ, ACCESS_WRITE, ACTION_OPEN, BACKEND_LSM, BACKEND_TRACEPOINT_KILL, COUNTER_ERR_OPEN,
+    HAS_FILES, IDENTITY_UNRESTRICTED, KernelOffsets, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
@@ -79,7 +78,10 @@ fn try_open_tp(regs: *const u8, fd: u64) -> Result<u8, i64> {
         return Err(-1);
     };
     let nr = read::<u64>(regs, o.pt_regs_orig_ax)?;
-    if !matches!(nr, NR_OPEN | NR_CREAT | NR_OPENAT | NR_OPEN_BY_HANDLE_AT | NR_OPENAT2) {
+    if !matches!(
+        nr,
+        NR_OPEN | NR_CREAT | NR_OPENAT | NR_OPEN_BY_HANDLE_AT | NR_OPENAT2
+    ) {
         return Ok(VERDICT_ALLOW);
     }
     let file = fd_file(&o, fd)?;
@@ -123,7 +125,14 @@ fn try_open(file: *const u8, backend: u8) -> Result<u8, i64> {
         requested |= ACCESS_WRITE;
     }
     let exe = current_exe(&o)?;
-    let req = Request { cgroup_id: cgid, identity: id, requested, exe, deny_enforce: 0, deny_audit: 0 };
+    let req = Request {
+        cgroup_id: cgid,
+        identity: id,
+        requested,
+        exe,
+        deny_enforce: 0,
+        deny_audit: 0,
+    };
     let out = inode::decide(&o, RuleMap::File, file, &req)?;
     inode::report(&o, ACTION_OPEN, backend, &req, &out, None);
     Ok(out.decision.verdict)
