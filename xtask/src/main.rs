@@ -2,9 +2,12 @@
 //!
 //! - `setup`: installs what a fresh machine lacks (idempotent).
 //! - `run`:   set-up, build, and run the agent on `policies/default.yaml`.
-//! - `test`:  set-up, build, and run every test.
+//! - `test`:  set-up, build, and run every test, then the VM matrix.
+//! - `vm`:    boot Debian kernels under QEMU and run the kernel tests inside
+//!            (BPF-LSM on and off); see `vm.rs`.
 
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +40,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Boot Debian kernels under QEMU (BPF-LSM on and off) and run the
+    /// kernel and end-to-end tests inside each.
+    Vm,
 }
 
 fn main() -> Result<()> {
@@ -61,8 +67,15 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => {
             setup::run(&root)?;
-            test(&root, &args)
+            let host = test(&root, &args);
+            if let Err(e) = &host {
+                eprintln!("xtask: host tests FAILED: {e:#}; running the VM matrix anyway");
+            }
+            let vms = vm::run(&root);
+            host?;
+            vms
         }
+        Cmd::Vm => vm::run(&root),
     }
 }
 
