@@ -187,7 +187,11 @@ fn denied_file_stays_denied_through_every_path_to_it() {
     assert_eq!(d["target"]["access"], "read");
     assert!(d["target"]["path"].as_str().unwrap().ends_with("/sub/rows.csv"), "{d}");
 
-    assert!(agent.reload(&files_policy(&cg, "    []\n")) || agent.reload(&policy_header("datasets", "enforce", &cg.path)));
+    // Removing the rule (the policy now protects an unrelated directory)
+    // restores access.
+    std::fs::create_dir_all(tmp.path("unrelated")).unwrap();
+    let other_rule = format!("    - {{ path: \"{}/unrelated/**\", access: none }}\n", tmp.0.display());
+    assert!(agent.reload(&files_policy(&cg, &other_rule)));
     assert_eq!(probe(&cg, &["read", &direct]), Outcome::Ok(9));
 }
 

@@ -83,9 +83,9 @@ fn main() -> Result<()> {
 /// runs unit and end-to-end tests. The end-to-end tests need root and a
 /// cgroup v2 mount; they find the agent binary through `PORTCULLIS_BIN`.
 fn test(root: &Path, args: &[String]) -> Result<()> {
-    cargo(root, &["build", "--workspace", "--bins"])?;
+    cargo(root, &["build", "--bins"])?;
     let mut cmd = cargo_cmd(root);
-    cmd.args(["test", "--workspace", "--no-fail-fast", "--"]).args(args);
+    cmd.args(["test", "--no-fail-fast", "--"]).args(args);
     cmd.env("PORTCULLIS_BIN", root.join("target/debug/portcullis"));
     cmd.env("PORTCULLIS_PROBE", root.join("target/debug/portcullis-probe"));
     eprintln!("xtask: {}", describe(&cmd));
