@@ -31,8 +31,9 @@ use portcullis_common::{
     VERDICT_DENY,
 };
 
-use crate::policy::{
-    DefaultAction, FileAccess, Mode, NetRule, PathRule, Policy, glob::glob_match,
+use crate::{
+    pod::{Lookup, PodMetadata},
+    policy::{DefaultAction, FileAccess, Mode, NetRule, PathRule, Policy, glob::glob_match},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +41,11 @@ pub enum CompileError {
     #[error(
         "{count} policies select cgroup {cgroup} (at most {MAX_POLICIES_PER_IDENTITY}): {policies}"
     )]
-    TooManyPolicies { cgroup: String, count: usize, policies: String },
+    TooManyPolicies {
+        cgroup: String,
+        count: usize,
+        policies: String,
+    },
     #[error(
         "more than {INODE_RULES_PER_KEY} rules name {path} for the workloads of {policies}; merge them"
     )]
@@ -59,6 +64,19 @@ pub struct CgroupInfo {
     pub id: u64,
     /// Path relative to the v2 root, starting with `/`.
     pub path: String,
+    /// Pod metadata, when the cgroup belongs to a pod (see [`crate::pod`]).
+    pub pod: Lookup,
+}
+
+impl CgroupInfo {
+    /// A cgroup with no pod metadata (not a pod, or not looked up).
+    pub fn new(id: u64, path: impl Into<String>) -> Self {
+        Self {
+            id,
+            path: path.into(),
+            pod: Lookup::NotPod,
+        }
+    }
 }
 
 /// What the decision log needs to name a rule.
@@ -149,7 +167,9 @@ pub fn resolve_glob(pattern: &str) -> Vec<ResolvedPath> {
                 }
                 continue;
             }
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
             let mut names: Vec<_> = entries
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -164,24 +184,63 @@ pub fn resolve_glob(pattern: &str) -> Vec<ResolvedPath> {
         .into_iter()
         .filter_map(|path| {
             let meta = std::fs::metadata(&path).ok()?;
-            Some(ResolvedPath { dev: kernel_dev(meta.dev()), ino: meta.ino(), subtree, path })
+            Some(ResolvedPath {
+                dev: kernel_dev(meta.dev()),
+                ino: meta.ino(),
+                subtree,
+                path,
+            })
         })
         .collect()
 }
 
-/// Which policies select a cgroup (indexes into `policies`).
+/// Which policies select a cgroup by its path alone (indexes into
+/// `policies`); policies with pod fields select nothing here.
 pub fn select(policies: &[Policy], cgroup_path: &str) -> Vec<usize> {
+    select_pod(policies, cgroup_path, None)
+}
+
+/// Which policies select `cg`, pod metadata included.
+pub fn select_cgroup(policies: &[Policy], cg: &CgroupInfo) -> Vec<usize> {
+    let pod = match &cg.pod {
+        Lookup::Known(meta) => Some(meta.as_ref()),
+        _ => None,
+    };
+    select_pod(policies, &cg.path, pod)
+}
+
+/// Every given selector field must match; a pod field needs known metadata
+/// (a cgroup without it is not selected, and meanwhile keeps its nearest
+/// classified ancestor's identity in the kernel).
+pub fn select_pod(policies: &[Policy], cgroup_path: &str, pod: Option<&PodMetadata>) -> Vec<usize> {
+    let name_ok = |g: &Option<String>, v: Option<&str>| {
+        g.as_deref()
+            .is_none_or(|g| v.is_some_and(|v| glob_match(&format!("/{g}"), &format!("/{v}"))))
+    };
     policies
         .iter()
         .enumerate()
         .filter(|(_, p)| {
             let s = &p.selector;
-            let path_ok = s.cgroup_path.as_deref().is_none_or(|g| glob_match(g, cgroup_path));
+            let path_ok = s
+                .cgroup_path
+                .as_deref()
+                .is_none_or(|g| glob_match(g, cgroup_path));
             let unit_ok = s.systemd_unit.as_deref().is_none_or(|g| {
                 crate::cgroup::systemd_unit(cgroup_path)
                     .is_some_and(|unit| glob_match(&format!("/{g}"), &format!("/{unit}")))
             });
-            path_ok && unit_ok && (s.cgroup_path.is_some() || s.systemd_unit.is_some())
+            let pod_ok = !s.needs_pod()
+                || pod.is_some_and(|m| {
+                    name_ok(&s.namespace, Some(&m.namespace))
+                        && name_ok(&s.service_account, m.service_account.as_deref())
+                        && name_ok(&s.container, m.container.as_ref().map(|c| c.name.as_str()))
+                        && s.pod_labels.as_ref().is_none_or(|l| l.matches(&m.labels))
+                });
+            path_ok
+                && unit_ok
+                && pod_ok
+                && (s.cgroup_path.is_some() || s.systemd_unit.is_some() || s.needs_pod())
         })
         .map(|(i, _)| i)
         .collect()
@@ -191,7 +250,11 @@ pub fn select(policies: &[Policy], cgroup_path: &str) -> Vec<usize> {
 /// independent of any identity (so each is resolved once per compile).
 struct PolicyRules {
     mode: u8,
-    exec: Vec<(ResolvedPath, u32 /* allow mask */, u32 /* rule id */)>,
+    exec: Vec<(
+        ResolvedPath,
+        u32, /* allow mask */
+        u32, /* rule id */
+    )>,
     files: Vec<(ResolvedPath, u32, Vec<ResolvedPath>, u32)>,
     net: Vec<(Ipv6Addr, u8, KNetRule)>,
     cfg: IdentityConfig,
@@ -204,7 +267,10 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn rule(&mut self, policy: &Policy, rule: String) -> u32 {
-        self.out.rules.push(RuleInfo { policy: policy.name.clone(), rule });
+        self.out.rules.push(RuleInfo {
+            policy: policy.name.clone(),
+            rule,
+        });
         (self.out.rules.len() - 1) as u32
     }
 
@@ -220,7 +286,10 @@ impl Builder<'_> {
             ));
         }
         for r in &found {
-            self.out.inode_paths.entry((r.dev, r.ino)).or_insert_with(|| r.path.clone());
+            self.out
+                .inode_paths
+                .entry((r.dev, r.ino))
+                .or_insert_with(|| r.path.clone());
         }
         found
     }
@@ -240,7 +309,8 @@ impl Builder<'_> {
         if let Some(exec) = &policy.exec {
             pr.cfg.flags |= HAS_EXEC;
             pr.cfg.exec_deny_enforce = (exec.default == DefaultAction::Deny) as u32;
-            for (list, mask, name) in [(&exec.allow, ACCESS_EXEC, "allow"), (&exec.deny, 0, "deny")] {
+            for (list, mask, name) in [(&exec.allow, ACCESS_EXEC, "allow"), (&exec.deny, 0, "deny")]
+            {
                 for (i, r) in list.iter().enumerate() {
                     let id = self.rule(policy, format!("exec.{name}[{i}] {}", r.pattern));
                     for resolved in self.resolve(policy, r) {
@@ -252,9 +322,10 @@ impl Builder<'_> {
         if let Some(egress) = &policy.egress {
             pr.cfg.flags |= HAS_NET;
             pr.cfg.net_deny_enforce = (egress.default == DefaultAction::Deny) as u32;
-            for (list, verdict, name) in
-                [(&egress.allow, VERDICT_ALLOW, "allow"), (&egress.deny, VERDICT_DENY, "deny")]
-            {
+            for (list, verdict, name) in [
+                (&egress.allow, VERDICT_ALLOW, "allow"),
+                (&egress.deny, VERDICT_DENY, "deny"),
+            ] {
                 for (i, r) in list.iter().enumerate() {
                     let id = self.rule(policy, format!("network.egress.{name}[{i}] {}", r.text));
                     pr.net.extend(net_entries(r, verdict, mode, id));
@@ -269,8 +340,11 @@ impl Builder<'_> {
                 FileAccess::Read => ACCESS_READ,
                 FileAccess::ReadWrite => ACCESS_READ | ACCESS_WRITE,
             };
-            let only: Vec<ResolvedPath> =
-                f.only_from.iter().flat_map(|b| self.resolve(policy, b)).collect();
+            let only: Vec<ResolvedPath> = f
+                .only_from
+                .iter()
+                .flat_map(|b| self.resolve(policy, b))
+                .collect();
             if !f.only_from.is_empty() && only.is_empty() {
                 self.out.warnings.push(format!(
                     "policy {}: files[{i}] onlyFrom matches no executable: nobody gets access",
@@ -292,8 +366,11 @@ impl Builder<'_> {
 }
 
 fn net_entries(r: &NetRule, verdict: u8, mode: u8, rule_id: u32) -> Vec<(Ipv6Addr, u8, KNetRule)> {
-    let ports: Vec<(u16, u16)> =
-        if r.ports.is_empty() { vec![(0, u16::MAX)] } else { r.ports.clone() };
+    let ports: Vec<(u16, u16)> = if r.ports.is_empty() {
+        vec![(0, u16::MAX)]
+    } else {
+        r.ports.clone()
+    };
     ports
         .into_iter()
         .map(|(lo, hi)| {
@@ -313,7 +390,11 @@ fn net_entries(r: &NetRule, verdict: u8, mode: u8, rule_id: u32) -> Vec<(Ipv6Add
 }
 
 fn in_prefix(addr: Ipv6Addr, net: Ipv6Addr, len: u8) -> bool {
-    let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    };
     u128::from(addr) & mask == u128::from(net) & mask
 }
 
@@ -341,17 +422,28 @@ pub fn compile(
     numbering: Numbering,
 ) -> Result<Compiled, CompileError> {
     let first_identity = numbering.first_identity;
-    let mut b = Builder { out: Compiled::default(), policies };
+    let mut b = Builder {
+        out: Compiled::default(),
+        policies,
+    };
     b.out.only_from_base = numbering.only_from_base;
-    b.out.rules.push(RuleInfo { policy: String::new(), rule: "default".into() });
+    b.out.rules.push(RuleInfo {
+        policy: String::new(),
+        rule: "default".into(),
+    });
     debug_assert_eq!(b.out.rules.len() - 1, RULE_ID_DEFAULT as usize);
     b.out.policies = policies.iter().map(|p| p.name.clone()).collect();
     let per_policy: Vec<PolicyRules> = policies.iter().map(|p| b.policy_rules(p)).collect();
 
     let mut next = first_identity.max(1);
     for cg in cgroups {
-        let set = select(b.policies, &cg.path);
         b.out.cgroup_paths.insert(cg.id, cg.path.clone());
+        if cg.pod == Lookup::Pending {
+            // No map entry: the kernel's ancestor walk gives it the nearest
+            // classified ancestor's identity until its metadata is known.
+            continue;
+        }
+        let set = select_cgroup(b.policies, cg);
         if set.is_empty() {
             b.out.cgroups.insert(cg.id, IDENTITY_UNRESTRICTED);
             continue;
@@ -386,7 +478,10 @@ pub fn add_identity(
     set: &[usize],
     identity: u32,
 ) -> Result<(), CompileError> {
-    let mut b = Builder { out: std::mem::take(out), policies };
+    let mut b = Builder {
+        out: std::mem::take(out),
+        policies,
+    };
     let per_policy: Vec<PolicyRules> = policies.iter().map(|p| b.policy_rules(p)).collect();
     let result = emit_identity(&mut b.out, policies, &per_policy, set, identity);
     if result.is_ok() {
@@ -397,7 +492,10 @@ pub fn add_identity(
 }
 
 fn names(policies: &[Policy], set: &[usize]) -> String {
-    set.iter().map(|&i| policies[i].name.as_str()).collect::<Vec<_>>().join(", ")
+    set.iter()
+        .map(|&i| policies[i].name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn emit_identity(
@@ -427,8 +525,19 @@ fn emit_identity(
             _pad: [0; 2],
         };
         for (r, mask, id) in &pr.exec {
-            let key = InodeKey { identity, dev: r.dev, ino: r.ino };
-            push_inode(&mut out.exec, key, rule(*mask, 0, r.subtree, *id), &r.path, policies, set)?;
+            let key = InodeKey {
+                identity,
+                dev: r.dev,
+                ino: r.ino,
+            };
+            push_inode(
+                &mut out.exec,
+                key,
+                rule(*mask, 0, r.subtree, *id),
+                &r.path,
+                policies,
+                set,
+            )?;
         }
         for (r, mask, only, id) in &pr.files {
             let only_from = if only.is_empty() {
@@ -437,15 +546,33 @@ fn emit_identity(
                 // One set per rule: the rule id, made unique per generation.
                 let set_id = out.only_from_base + id;
                 for b in only {
-                    out.only_from.insert(InodeKey { identity: set_id, dev: b.dev, ino: b.ino });
+                    out.only_from.insert(InodeKey {
+                        identity: set_id,
+                        dev: b.dev,
+                        ino: b.ino,
+                    });
                 }
                 set_id
             };
-            let key = InodeKey { identity, dev: r.dev, ino: r.ino };
-            push_inode(&mut out.files, key, rule(*mask, only_from, r.subtree, *id), &r.path, policies, set)?;
+            let key = InodeKey {
+                identity,
+                dev: r.dev,
+                ino: r.ino,
+            };
+            push_inode(
+                &mut out.files,
+                key,
+                rule(*mask, only_from, r.subtree, *id),
+                &r.path,
+                policies,
+                set,
+            )?;
         }
         for (addr, len, r) in &pr.net {
-            net.entry((*len, *addr)).or_default().push(KNetRule { policy_bit: bit as u8, ..*r });
+            net.entry((*len, *addr)).or_default().push(KNetRule {
+                policy_bit: bit as u8,
+                ..*r
+            });
         }
     }
     // Flatten: every prefix also carries the rules of the shorter prefixes
@@ -464,7 +591,10 @@ fn emit_identity(
                 policies: names(policies, set),
             });
         }
-        let mut value = NetRuleSet { count: all.len() as u32, ..Default::default() };
+        let mut value = NetRuleSet {
+            count: all.len() as u32,
+            ..Default::default()
+        };
         value.rules[..all.len()].copy_from_slice(&all);
         out.net.insert(net_key(identity, addr, len), value);
     }

@@ -16,9 +16,13 @@ pub fn scan(root: &Path) -> Vec<CgroupInfo> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(id) = cgroup::id_of(&dir) else { continue };
-        out.push(CgroupInfo { id, path: cgroup::display_path(root, &dir) });
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(id) = cgroup::id_of(&dir) else {
+            continue;
+        };
+        out.push(CgroupInfo::new(id, cgroup::display_path(root, &dir)));
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         let mut children: Vec<PathBuf> = entries
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -36,7 +40,7 @@ pub fn scan(root: &Path) -> Vec<CgroupInfo> {
 pub fn lookup(root: &Path, rel: &str) -> Option<CgroupInfo> {
     let dir = root.join(rel.trim_start_matches('/'));
     let id = cgroup::id_of(&dir).ok()?;
-    Some(CgroupInfo { id, path: cgroup::display_path(root, &dir) })
+    Some(CgroupInfo::new(id, cgroup::display_path(root, &dir)))
 }
 
 #[cfg(test)]

@@ -10,4 +10,5 @@ pub mod identity;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod pod;
 pub mod policy;

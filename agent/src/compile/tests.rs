@@ -3,21 +3,27 @@
 use std::{net::Ipv6Addr, path::PathBuf};
 
 use portcullis_common::{
-    ACCESS_EXEC, ACCESS_READ, HAS_NET, IDENTITY_UNRESTRICTED, InodeKey, RULE_SUBTREE, VERDICT_ALLOW,
-    VERDICT_DENY,
+    ACCESS_EXEC, ACCESS_READ, HAS_NET, IDENTITY_UNRESTRICTED, InodeKey, RULE_SUBTREE,
+    VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use super::*;
 use crate::policy::{EgressRules, ExecRules, FileRule, Selector};
 
-const N: Numbering = Numbering { first_identity: 10, only_from_base: 1 << 30 };
+const N: Numbering = Numbering {
+    first_identity: 10,
+    only_from_base: 1 << 30,
+};
 
 fn policy(name: &str, cgroup: &str) -> Policy {
     Policy {
         name: name.into(),
         source: PathBuf::from("test.yaml"),
         mode: Mode::Enforce,
-        selector: Selector { cgroup_path: Some(cgroup.into()), systemd_unit: None },
+        selector: Selector {
+            cgroup_path: Some(cgroup.into()),
+            ..Default::default()
+        },
         exec: None,
         egress: None,
         files: vec![],
@@ -39,19 +45,29 @@ fn v4(a: [u8; 4], len: u8, ports: Vec<(u16, u16)>) -> NetRule {
 fn cgroups() -> Vec<CgroupInfo> {
     [(1, "/"), (2, "/a"), (3, "/a/x"), (4, "/b"), (5, "/b/y")]
         .into_iter()
-        .map(|(id, path)| CgroupInfo { id, path: path.into() })
+        .map(|(id, path)| CgroupInfo::new(id, path))
         .collect()
 }
 
 fn path(p: &str) -> PathRule {
-    PathRule { pattern: p.into(), line: 1 }
+    PathRule {
+        pattern: p.into(),
+        line: 1,
+    }
 }
 
 #[test]
 fn identities_are_shared_by_policy_set() {
-    let policies = [policy("pa", "/a/**"), policy("pb", "/b/y"), policy("both", "/**/y")];
+    let policies = [
+        policy("pa", "/a/**"),
+        policy("pb", "/b/y"),
+        policy("both", "/**/y"),
+    ];
     let c = compile(&policies, &cgroups(), N).unwrap();
-    assert_eq!(c.cgroups[&1], IDENTITY_UNRESTRICTED, "root is selected by nothing");
+    assert_eq!(
+        c.cgroups[&1], IDENTITY_UNRESTRICTED,
+        "root is selected by nothing"
+    );
     // `/a/**` matches `/a` itself and below: one identity for both.
     assert_eq!(c.cgroups[&2], c.cgroups[&3]);
     assert_eq!(c.cgroups[&2], 10);
@@ -71,7 +87,11 @@ fn default_deny_is_per_policy_bit() {
     });
     let mut audit = policy("audit", "/a/**");
     audit.mode = Mode::Audit;
-    audit.egress = Some(EgressRules { default: DefaultAction::Deny, allow: vec![], deny: vec![] });
+    audit.egress = Some(EgressRules {
+        default: DefaultAction::Deny,
+        allow: vec![],
+        deny: vec![],
+    });
     let c = compile(&[deny, audit], &cgroups(), N).unwrap();
     let cfg = c.identity_cfg[&10];
     assert_eq!(cfg.net_deny_enforce, 0b01);
@@ -97,8 +117,14 @@ fn longer_prefixes_carry_their_ancestors_rules_denies_first() {
     assert_eq!(inner.rules[0].verdict, VERDICT_DENY);
     assert_eq!(inner.rules[1].verdict, VERDICT_ALLOW);
     let outer = c.net[&net_key(10, "::ffff:10.0.0.0".parse().unwrap(), 104)];
-    assert_eq!(outer.count, 1, "a shorter prefix does not inherit longer ones");
-    assert_eq!(c.rules[inner.rules[0].rule_id as usize].rule, "network.egress.deny[0] 10.1.0.0/16");
+    assert_eq!(
+        outer.count, 1,
+        "a shorter prefix does not inherit longer ones"
+    );
+    assert_eq!(
+        c.rules[inner.rules[0].rule_id as usize].rule,
+        "network.egress.deny[0] 10.1.0.0/16"
+    );
 }
 
 #[test]
@@ -138,19 +164,33 @@ fn exec_and_file_globs_resolve_to_inodes_through_symlinks() {
     }];
     let c = compile(&[p], &cgroups(), N).unwrap();
     let meta = std::fs::metadata(dir.join("bin/python3.11")).unwrap();
-    let key = InodeKey { identity: 10, dev: kernel_dev(meta.dev()), ino: meta.ino() };
+    let key = InodeKey {
+        identity: 10,
+        dev: kernel_dev(meta.dev()),
+        ino: meta.ino(),
+    };
     // python3 and python3.11 are one inode: one key, one rule.
     assert_eq!(c.exec.len(), 1);
     let set = c.exec[&key];
-    assert_eq!((set.count, set.rules[0].allow_mask, set.rules[0].flags), (1, ACCESS_EXEC, 0));
+    assert_eq!(
+        (set.count, set.rules[0].allow_mask, set.rules[0].flags),
+        (1, ACCESS_EXEC, 0)
+    );
     assert_eq!(c.identity_cfg[&10].exec_deny_enforce, 1);
 
     let pii = std::fs::metadata(dir.join("data/pii")).unwrap();
-    let fkey = InodeKey { identity: 10, dev: kernel_dev(pii.dev()), ino: pii.ino() };
+    let fkey = InodeKey {
+        identity: 10,
+        dev: kernel_dev(pii.dev()),
+        ino: pii.ino(),
+    };
     let rule = c.files[&fkey].rules[0];
     assert_eq!((rule.allow_mask, rule.flags), (ACCESS_READ, RULE_SUBTREE));
     assert_ne!(rule.only_from, 0);
-    assert!(c.only_from.contains(&InodeKey { identity: rule.only_from, ..key }));
+    assert!(c.only_from.contains(&InodeKey {
+        identity: rule.only_from,
+        ..key
+    }));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -165,5 +205,100 @@ fn v4_prefix_containment() {
     let net: Ipv6Addr = "::ffff:10.0.0.0".parse().unwrap();
     assert!(in_prefix("::ffff:10.9.8.7".parse().unwrap(), net, 104));
     assert!(!in_prefix("::ffff:11.0.0.1".parse().unwrap(), net, 104));
-    assert!(in_prefix("2001:db8::1".parse().unwrap(), "::".parse().unwrap(), 0));
+    assert!(in_prefix(
+        "2001:db8::1".parse().unwrap(),
+        "::".parse().unwrap(),
+        0
+    ));
+}
+
+#[test]
+fn pod_selectors_need_known_metadata_and_pending_cgroups_stay_unmapped() {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use crate::{
+        pod::{ContainerMetadata, Lookup, PodMetadata},
+        policy::LabelSelector,
+    };
+
+    let mut triton = policy("triton", "/unused");
+    triton.selector = Selector {
+        pod_labels: Some(LabelSelector {
+            match_labels: BTreeMap::from([("app".into(), "triton".into())]),
+            ..Default::default()
+        }),
+        namespace: Some("ml-*".into()),
+        ..Default::default()
+    };
+    let mut server = policy("server", "/unused");
+    server.selector = Selector {
+        container: Some("server".into()),
+        ..Default::default()
+    };
+    let kube = policy("kube", "/kubepods/**");
+    let policies = [triton, server, kube];
+
+    let meta = |labels: &[(&str, &str)], container: Option<&str>| {
+        Lookup::Known(Arc::new(PodMetadata {
+            uid: "u".into(),
+            namespace: "ml-prod".into(),
+            name: "p".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            service_account: None,
+            container: container.map(|n| ContainerMetadata {
+                id: "c".into(),
+                name: n.into(),
+                image: "i".into(),
+            }),
+        }))
+    };
+    let cg = |id, path: &str, pod| CgroupInfo {
+        id,
+        path: path.into(),
+        pod,
+    };
+    let cgroups = [
+        cg(1, "/kubepods", Lookup::NotPod),
+        cg(2, "/kubepods/podA", meta(&[("app", "triton")], None)),
+        cg(
+            3,
+            "/kubepods/podA/c1",
+            meta(&[("app", "triton")], Some("server")),
+        ),
+        cg(
+            4,
+            "/kubepods/podB/c2",
+            meta(&[("app", "vllm")], Some("sidecar")),
+        ),
+        cg(5, "/kubepods/podC/c3", Lookup::Pending),
+        cg(6, "/kubepods/podD/c4", Lookup::Unavailable),
+    ];
+    assert_eq!(select_cgroup(&policies, &cgroups[1]), vec![0, 2]);
+    assert_eq!(select_cgroup(&policies, &cgroups[2]), vec![0, 1, 2]);
+    assert_eq!(select_cgroup(&policies, &cgroups[3]), vec![2]);
+    assert_eq!(
+        select_cgroup(&policies, &cgroups[5]),
+        vec![2],
+        "no metadata: path policies only"
+    );
+    assert_eq!(
+        select(&policies, "/kubepods/podA"),
+        vec![2],
+        "path-only select ignores pod policies"
+    );
+
+    let c = compile(&policies, &cgroups, N).unwrap();
+    assert!(
+        !c.cgroups.contains_key(&5),
+        "pending: inherits its ancestor in the kernel"
+    );
+    assert_eq!(c.cgroup_paths[&5], "/kubepods/podC/c3");
+    assert_eq!(
+        c.cgroups[&1], c.cgroups[&4],
+        "same policy set, same identity"
+    );
+    assert_ne!(c.cgroups[&2], c.cgroups[&3]);
 }

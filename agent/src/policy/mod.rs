@@ -6,12 +6,14 @@
 //! reading the policy files themselves.
 
 pub mod glob;
+pub mod labels;
 pub mod parse;
 #[cfg(test)]
 mod tests;
 
 use std::{net::Ipv6Addr, path::PathBuf};
 
+pub use labels::{LabelOperator, LabelRequirement, LabelSelector};
 pub use parse::{PolicyError, load_paths, parse_str};
 
 /// `apiVersion` every policy must carry.
@@ -43,6 +45,11 @@ pub enum Mode {
 /// Which workloads a policy governs; every given field must match. An empty
 /// selector is rejected by validation (a host-wide policy must say
 /// `cgroupPath: "/**"`).
+///
+/// The Kubernetes fields (`namespace`, `pod_labels`, `service_account`,
+/// `container`) match only cgroups whose pod metadata the agent knows (from
+/// the CRI socket); a cgroup whose metadata is not known yet is governed by
+/// its nearest classified ancestor's identity meanwhile, never left free.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Selector {
     /// Glob over the cgroup v2 path (as in `/proc/<pid>/cgroup`, starting
@@ -51,6 +58,25 @@ pub struct Selector {
     /// Glob over the systemd unit the cgroup belongs to (the innermost
     /// `*.service` / `*.scope` segment of its path).
     pub systemd_unit: Option<String>,
+    /// Glob over the pod's namespace.
+    pub namespace: Option<String>,
+    /// Kubernetes label selector over the pod's labels.
+    pub pod_labels: Option<LabelSelector>,
+    /// Glob over the pod's service account name.
+    pub service_account: Option<String>,
+    /// Glob over the container name (as in the pod spec). A policy with this
+    /// field selects container cgroups only, not the pod's sandbox.
+    pub container: Option<String>,
+}
+
+impl Selector {
+    /// Whether any field needs pod metadata to match.
+    pub fn needs_pod(&self) -> bool {
+        self.namespace.is_some()
+            || self.pod_labels.is_some()
+            || self.service_account.is_some()
+            || self.container.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -16,6 +16,15 @@
 //!     cgroupPath: "/kubepods.slice/**"   # glob over the cgroup v2 path; `**` may be any
 //!                                        # whole segment; "/**" selects every workload
 //!     systemdUnit: "triton*.service"     # glob over the unit name (no '/')
+//!     namespace: "ml-*"                  # glob over the pod's namespace
+//!     podLabels: {app: triton}           # plain map = matchLabels; or the full
+//!                                        # Kubernetes LabelSelector:
+//!                                        #   {matchLabels: {...}, matchExpressions:
+//!                                        #    [{key, operator: In|NotIn|Exists|DoesNotExist, values}]}
+//!     serviceAccount: "triton"           # glob over the pod's service account
+//!     container: "server"                # glob over the container name
+//!                                        # (the four pod fields match only cgroups
+//!                                        # whose pod metadata is known; see crate::pod)
 //!   exec:                     # optional
 //!     default: deny           # deny | allow (default allow)
 //!     allow: ["/usr/bin/python3*", "/opt/triton/**"]
@@ -69,7 +78,7 @@
 //! that file is not read).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt, fs,
     io::Cursor,
     net::{IpAddr, Ipv6Addr},
@@ -80,9 +89,10 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
 
 use super::{
-    API_VERSION, DefaultAction, EgressRules, ExecRules, FileAccess, FileRule, KIND, Mode, NetRule,
-    PathRule, Policy, Selector,
+    API_VERSION, DefaultAction, EgressRules, ExecRules, FileAccess, FileRule, KIND, LabelOperator,
+    LabelRequirement, LabelSelector, Mode, NetRule, PathRule, Policy, Selector,
     glob::{validate_cgroup_glob, validate_path_glob, validate_unit_glob},
+    labels,
 };
 
 /// One problem in a policy file, located at the offending value.
@@ -713,7 +723,18 @@ impl<'a> Cx<'a> {
 
     fn selector(&mut self, at: Location, n: &SNode) -> Option<Selector> {
         let before = self.errors.len();
-        let mut f = self.map(n, "spec.selector", Some(&["cgroupPath", "systemdUnit"]))?;
+        let mut f = self.map(
+            n,
+            "spec.selector",
+            Some(&[
+                "cgroupPath",
+                "systemdUnit",
+                "namespace",
+                "podLabels",
+                "serviceAccount",
+                "container",
+            ]),
+        )?;
         f.at = at;
         let mut ok = true;
         let mut glob = |cx: &mut Self, key: &str, check: fn(&str) -> Result<(), String>| {
@@ -732,7 +753,30 @@ impl<'a> Cx<'a> {
         };
         let cgroup_path = glob(self, "cgroupPath", validate_cgroup_glob);
         let systemd_unit = glob(self, "systemdUnit", validate_unit_glob);
-        if f.get("cgroupPath").is_none() && f.get("systemdUnit").is_none() {
+        // Namespace, service account and container names never contain '/',
+        // so the unit-name glob rules fit them exactly.
+        let namespace = glob(self, "namespace", validate_unit_glob);
+        let service_account = glob(self, "serviceAccount", validate_unit_glob);
+        let container = glob(self, "container", validate_unit_glob);
+        let pod_labels = match f.get("podLabels") {
+            Some(n) => {
+                let sel = self.label_selector(n, &f.path("podLabels"));
+                ok &= sel.is_some();
+                sel
+            }
+            None => None,
+        };
+        let any = [
+            "cgroupPath",
+            "systemdUnit",
+            "namespace",
+            "podLabels",
+            "serviceAccount",
+            "container",
+        ]
+        .iter()
+        .any(|k| f.get(k).is_some());
+        if !any {
             // An unknown field (`pod: x`) already explains why it is empty.
             if self.errors.len() != before {
                 return None;
@@ -740,13 +784,174 @@ impl<'a> Cx<'a> {
             self.err(
                 f.at,
                 "spec.selector",
-                "selector is empty: give cgroupPath, systemdUnit or both (cgroupPath: \"/**\" selects every workload)",
+                "selector is empty: give at least one of cgroupPath, systemdUnit, namespace, podLabels, serviceAccount or container (cgroupPath: \"/**\" selects every workload)",
             );
             return None;
         }
         ok.then_some(Selector {
             cgroup_path,
             systemd_unit,
+            namespace,
+            pod_labels,
+            service_account,
+            container,
+        })
+    }
+
+    /// `podLabels`: a Kubernetes `LabelSelector` (`matchLabels` and/or
+    /// `matchExpressions`), or a plain label map as shorthand for
+    /// `matchLabels`. A mapping with either of the two selector keys is the
+    /// full form, so a misspelt `matchExpresions` next to `matchLabels` is an
+    /// unknown field rather than a label named `matchExpresions`.
+    fn label_selector(&mut self, n: &SNode, path: &str) -> Option<LabelSelector> {
+        let Node::Map(entries) = &n.value else {
+            self.expected(
+                n,
+                path,
+                "a mapping of labels or matchLabels/matchExpressions",
+            );
+            return None;
+        };
+        let full = entries
+            .iter()
+            .any(|(k, _)| k.value == "matchLabels" || k.value == "matchExpressions");
+        if !full {
+            let match_labels = self.label_map(n, path)?;
+            return Some(LabelSelector {
+                match_labels,
+                match_expressions: Vec::new(),
+            });
+        }
+        let before = self.errors.len();
+        let f = self.map(n, path, Some(&["matchLabels", "matchExpressions"]))?;
+        let match_labels = match f.get("matchLabels") {
+            Some(m) => self.label_map(m, &f.path("matchLabels")),
+            None => Some(BTreeMap::new()),
+        };
+        let mut match_expressions = Vec::new();
+        if let Some(e) = f.get("matchExpressions")
+            && let Some(items) = self.seq(e, &f.path("matchExpressions"))
+        {
+            for (i, item) in items.iter().enumerate() {
+                let ipath = format!("{}[{i}]", f.path("matchExpressions"));
+                if let Some(r) = self.label_requirement(item, &ipath) {
+                    match_expressions.push(r);
+                }
+            }
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(LabelSelector {
+            match_labels: match_labels?,
+            match_expressions,
+        })
+    }
+
+    fn label_map(&mut self, n: &SNode, path: &str) -> Option<BTreeMap<String, String>> {
+        let before = self.errors.len();
+        let f = self.map(n, path, None)?;
+        let mut out = BTreeMap::new();
+        for (key, at, value) in &f.entries {
+            let kpath = join(path, key);
+            if let Err(msg) = labels::validate_key(key) {
+                self.err(*at, &kpath, msg);
+                continue;
+            }
+            // `null` would be a label that exists with no value; Kubernetes
+            // spells that `""`, and a bare `app:` is more likely a mistake.
+            if matches!(value.value, Node::Null) {
+                self.err(
+                    value.referenced,
+                    &kpath,
+                    "expected a label value (write \"\" for an empty one), found null",
+                );
+                continue;
+            }
+            let Some(v) = self.string(value, &kpath) else {
+                continue;
+            };
+            match labels::validate_value(&v) {
+                Ok(()) => {
+                    out.insert((*key).to_string(), v);
+                }
+                Err(msg) => self.err(value.referenced, &kpath, msg),
+            }
+        }
+        (self.errors.len() == before).then_some(out)
+    }
+
+    fn label_requirement(&mut self, n: &SNode, path: &str) -> Option<LabelRequirement> {
+        let before = self.errors.len();
+        let f = self.map(n, path, Some(&["key", "operator", "values"]))?;
+        let key = self.required(&f, "key").and_then(|k| {
+            let s = self.string(k, &f.path("key"))?;
+            labels::validate_key(&s)
+                .map_err(|msg| self.err(k.referenced, &f.path("key"), msg))
+                .ok()
+                .map(|()| s)
+        });
+        let op_node = self.required(&f, "operator");
+        let operator = op_node.and_then(|o| {
+            self.choice(
+                o,
+                &f.path("operator"),
+                "operator",
+                &[
+                    ("In", LabelOperator::In),
+                    ("NotIn", LabelOperator::NotIn),
+                    ("Exists", LabelOperator::Exists),
+                    ("DoesNotExist", LabelOperator::DoesNotExist),
+                ],
+            )
+        });
+        let mut values = Vec::new();
+        let values_node = f.get("values");
+        if let Some(v) = values_node
+            && let Some(items) = self.seq(v, &f.path("values"))
+        {
+            for (i, item) in items.iter().enumerate() {
+                let ipath = format!("{}[{i}]", f.path("values"));
+                if let Some(s) = self.string(item, &ipath) {
+                    match labels::validate_value(&s) {
+                        Ok(()) => values.push(s),
+                        Err(msg) => self.err(item.referenced, &ipath, msg),
+                    }
+                }
+            }
+        }
+        // As the API server: In/NotIn need values, Exists/DoesNotExist take none.
+        match operator {
+            Some(LabelOperator::In | LabelOperator::NotIn)
+                if values_node.is_none() || values.is_empty() =>
+            {
+                let at = values_node.map_or(f.at, |v| v.referenced);
+                self.err(
+                    at,
+                    &f.path("values"),
+                    "values must be non-empty when operator is In or NotIn",
+                );
+            }
+            Some(LabelOperator::Exists | LabelOperator::DoesNotExist)
+                if values_node
+                    .is_some_and(|v| !matches!(&v.value, Node::Seq(s) if s.is_empty())) =>
+            {
+                let at = values_node.map_or(f.at, |v| v.referenced);
+                self.err(
+                    at,
+                    &f.path("values"),
+                    "values must be empty when operator is Exists or DoesNotExist",
+                );
+            }
+            _ => {}
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(LabelRequirement {
+            key: key?,
+            operator: operator?,
+            values,
         })
     }
 

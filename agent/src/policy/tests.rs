@@ -140,6 +140,7 @@ fn inference_serving_example_parses_to_exact_policy() {
         selector: Selector {
             cgroup_path: Some("/kubepods.slice/**".into()),
             systemd_unit: Some("triton*.service".into()),
+            ..Default::default()
         },
         exec: Some(ExecRules {
             default: DefaultAction::Deny,
@@ -197,7 +198,7 @@ fn bundled_default_policy_is_safe_and_demonstrates_the_schema() {
         p.selector,
         Selector {
             cgroup_path: Some("/portcullis-demo/**".into()),
-            systemd_unit: None
+            ..Default::default()
         }
     );
     assert!(!glob::glob_match(
@@ -288,8 +289,8 @@ spec:
     assert_eq!(
         p.selector,
         Selector {
-            cgroup_path: None,
-            systemd_unit: Some("nginx.service".into())
+            systemd_unit: Some("nginx.service".into()),
+            ..Default::default()
         }
     );
     assert_eq!(
@@ -562,7 +563,7 @@ fn spec_and_selector_errors() {
             "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: p}}\nspec:\n  exec: {{default: deny}}\n  selector:{sel}\n"
         )
     };
-    let empty = "selector is empty: give cgroupPath, systemdUnit or both (cgroupPath: \"/**\" selects every workload)";
+    let empty = "selector is empty: give at least one of cgroupPath, systemdUnit, namespace, podLabels, serviceAccount or container (cgroupPath: \"/**\" selects every workload)";
     assert_error(&with_selector(" {}"), 6, "spec.selector", empty);
     assert_error(
         &with_selector("\n    cgroupPath: kubepods.slice/**"),
@@ -580,7 +581,7 @@ fn spec_and_selector_errors() {
         &with_selector("\n    pod: x"),
         7,
         "spec.selector.pod",
-        "unknown field 'pod', expected one of: cgroupPath, systemdUnit",
+        "unknown field 'pod', expected one of: cgroupPath, systemdUnit, namespace, podLabels, serviceAccount, container",
     );
 
     assert_spec_error(
@@ -962,5 +963,115 @@ fn load_errors_from_every_file_are_collected() {
         errors[0].message.starts_with("cannot read policy path: "),
         "{}",
         errors[0]
+    );
+}
+
+fn with_pod_selector(sel: &str) -> String {
+    format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: p}}\nspec:\n  exec: {{default: deny}}\n  selector:\n{sel}"
+    )
+}
+
+#[test]
+fn pod_selector_fields_parse() {
+    let p = parse_one(&with_pod_selector(
+        "    namespace: ml-*\n    serviceAccount: triton\n    container: server\n    podLabels: {app: triton, app.kubernetes.io/part-of: serving}\n",
+    ));
+    let s = &p.selector;
+    assert_eq!(s.namespace.as_deref(), Some("ml-*"));
+    assert_eq!(s.service_account.as_deref(), Some("triton"));
+    assert_eq!(s.container.as_deref(), Some("server"));
+    let labels = s.pod_labels.as_ref().unwrap();
+    assert_eq!(
+        labels.match_labels.get("app").map(String::as_str),
+        Some("triton")
+    );
+    assert_eq!(labels.match_labels.len(), 2);
+    assert!(labels.match_expressions.is_empty());
+    assert!(s.needs_pod() && s.cgroup_path.is_none());
+
+    let p = parse_one(&with_pod_selector(
+        "    podLabels:\n      matchLabels: {app: triton}\n      matchExpressions:\n        - {key: tier, operator: In, values: [gpu, cpu]}\n        - {key: canary, operator: DoesNotExist}\n",
+    ));
+    let l = p.selector.pod_labels.unwrap();
+    assert_eq!(l.match_labels.len(), 1);
+    assert_eq!(
+        l.match_expressions,
+        vec![
+            LabelRequirement {
+                key: "tier".into(),
+                operator: LabelOperator::In,
+                values: vec!["gpu".into(), "cpu".into()]
+            },
+            LabelRequirement {
+                key: "canary".into(),
+                operator: LabelOperator::DoesNotExist,
+                values: vec![]
+            },
+        ]
+    );
+
+    // `podLabels: {}` is the empty selector: every pod whose metadata is known.
+    let p = parse_one(&with_pod_selector("    podLabels: {}\n"));
+    assert_eq!(p.selector.pod_labels, Some(LabelSelector::default()));
+}
+
+#[test]
+fn pod_selector_errors() {
+    assert_error(
+        &with_pod_selector("    podLabels: {\"-app\": triton}\n"),
+        7,
+        "spec.selector.podLabels.-app",
+        "label key '-app' is invalid: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+    );
+    assert_error(
+        &with_pod_selector("    podLabels: {app: \"a b\"}\n"),
+        7,
+        "spec.selector.podLabels.app",
+        "label value 'a b' is invalid: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+    );
+    assert_error(
+        &with_pod_selector(
+            "    podLabels:\n      matchLabels: {app: x}\n      matchExpresions: []\n",
+        ),
+        9,
+        "spec.selector.podLabels.matchExpresions",
+        "unknown field 'matchExpresions', expected one of: matchLabels, matchExpressions",
+    );
+    assert_error(
+        &with_pod_selector(
+            "    podLabels:\n      matchExpressions:\n        - {key: tier, operator: In}\n",
+        ),
+        9,
+        "spec.selector.podLabels.matchExpressions[0].values",
+        "values must be non-empty when operator is In or NotIn",
+    );
+    assert_error(
+        &with_pod_selector(
+            "    podLabels:\n      matchExpressions:\n        - {key: tier, operator: Exists, values: [a]}\n",
+        ),
+        9,
+        "spec.selector.podLabels.matchExpressions[0].values",
+        "values must be empty when operator is Exists or DoesNotExist",
+    );
+    assert_error(
+        &with_pod_selector(
+            "    podLabels:\n      matchExpressions:\n        - {key: tier, operator: in, values: [a]}\n",
+        ),
+        9,
+        "spec.selector.podLabels.matchExpressions[0].operator",
+        "unknown operator 'in', expected In, NotIn, Exists or DoesNotExist",
+    );
+    assert_error(
+        &with_pod_selector("    namespace: kube/system\n"),
+        7,
+        "spec.selector.namespace",
+        "unit pattern 'kube/system' must not contain '/' (it matches a unit name such as 'nginx.service')",
+    );
+    assert_error(
+        &with_pod_selector("    podLabels: [app]\n"),
+        7,
+        "spec.selector.podLabels",
+        "expected a mapping of labels or matchLabels/matchExpressions, found a list",
     );
 }

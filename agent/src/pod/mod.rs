@@ -1,0 +1,346 @@
+//! Kubernetes pod identity: which pod and container a cgroup belongs to.
+//!
+//! Node agents learn this without a central dependency (no API server
+//! watch): the cgroup path gives the pod UID and container ID
+//! ([`cgroup_path`]), and the container runtime's CRI socket on the node
+//! ([`cri`]) turns them into namespace, pod name, labels and container
+//! name/image. The service account is not part of CRI; it is read from the
+//! token the kubelet projects for the pod under its root directory
+//! ([`service_account`]).
+//!
+//! Timing, and why there is never a free pass: a cgroup whose pod metadata
+//! is not known yet is left unclassified, so the kernel gives it the
+//! identity of its nearest classified ancestor (e.g. `/kubepods/besteffort`,
+//! governed by path-selecting policies — the host's default). Container
+//! cgroups are created by the runtime in `StartContainer`, after
+//! `CreateContainer` registered the container, so their metadata is
+//! normally known at `cgroup_mkdir` time; the lookup also retries briefly.
+//! The pod-level cgroup is created by the kubelet before `RunPodSandbox`,
+//! so it is classified by the periodic rescan once the sandbox is ready.
+//! When the CRI socket cannot be reached the agent logs it once and falls
+//! back to path-only identity (pod selectors then match nothing).
+
+pub mod cgroup_path;
+pub mod cri;
+pub mod service_account;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+pub use cgroup_path::{PodCgroup, Runtime};
+
+use crate::compile::CgroupInfo;
+pub use cri::{CriClient, CriError};
+
+/// Labels the kubelet adds to every sandbox for its own bookkeeping; they
+/// are not the pod's labels and are dropped so `podLabels` sees what the API
+/// object has.
+const KUBELET_SANDBOX_LABELS: [&str; 3] = [
+    "io.kubernetes.pod.name",
+    "io.kubernetes.pod.namespace",
+    "io.kubernetes.pod.uid",
+];
+
+/// What a policy selector can match on for a cgroup in a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodMetadata {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// `None` when the kubelet's projected token could not be read.
+    pub service_account: Option<String>,
+    /// The container the cgroup belongs to; `None` for the pod-level cgroup
+    /// and the sandbox (pause) container.
+    pub container: Option<ContainerMetadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContainerMetadata {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+}
+
+/// The answer for one cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Lookup {
+    /// The path is not a pod's cgroup (or was not looked up).
+    #[default]
+    NotPod,
+    Known(Arc<PodMetadata>),
+    /// A pod cgroup the runtime does not (yet) report: leave it unclassified
+    /// so it keeps its ancestor's identity, and ask again later.
+    Pending,
+    /// No runtime to ask: classify by path only.
+    Unavailable,
+}
+
+/// Where the resolver gets its answers.
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    /// CRI socket; `None` disables pod metadata.
+    pub cri_socket: Option<PathBuf>,
+    /// The kubelet's root directory (`/var/lib/kubelet`), for service
+    /// account tokens.
+    pub kubelet_root: PathBuf,
+    /// Bound on each CRI call.
+    pub timeout: Duration,
+    /// How long a container cgroup's lookup keeps asking before it is left
+    /// pending for the next rescan.
+    pub settle: Duration,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        Self {
+            cri_socket: Some("/run/containerd/containerd.sock".into()),
+            kubelet_root: "/var/lib/kubelet".into(),
+            timeout: Duration::from_secs(2),
+            settle: Duration::from_millis(500),
+        }
+    }
+}
+
+struct Pod {
+    sandbox_ids: Vec<String>,
+    meta: PodMetadata,
+}
+
+/// Pod and container metadata from the CRI runtime, cached between
+/// refreshes. A refresh replaces the whole cache, so a deleted pod's entry
+/// goes with the next refresh after its removal.
+pub struct Resolver {
+    cfg: ResolverConfig,
+    client: Option<CriClient>,
+    /// Last failed connect, to retry at most every few seconds and log once.
+    down_since: Option<Instant>,
+    logged_down: bool,
+    pods: HashMap<String, Pod>,
+    containers: HashMap<String, cri::Container>,
+}
+
+impl Resolver {
+    pub fn new(cfg: ResolverConfig) -> Self {
+        Self {
+            cfg,
+            client: None,
+            down_since: None,
+            logged_down: false,
+            pods: HashMap::new(),
+            containers: HashMap::new(),
+        }
+    }
+
+    /// Whether a CRI socket is configured at all.
+    pub fn enabled(&self) -> bool {
+        self.cfg.cri_socket.is_some()
+    }
+
+    /// Number of pods in the cache (for logs and tests).
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
+    async fn client(&mut self) -> Option<&mut CriClient> {
+        let socket = self.cfg.cri_socket.clone()?;
+        if self.client.is_none() {
+            if self
+                .down_since
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+            {
+                return None;
+            }
+            match CriClient::connect(socket.clone(), self.cfg.timeout).await {
+                Ok(mut c) => match c.version().await {
+                    Ok(v) => {
+                        tracing::info!(
+                            socket = %socket.display(),
+                            runtime = %v.runtime_name,
+                            version = %v.runtime_version,
+                            api = %v.runtime_api_version,
+                            "pod metadata from the CRI runtime"
+                        );
+                        self.client = Some(c);
+                        self.down_since = None;
+                        self.logged_down = false;
+                    }
+                    Err(e) => self.down(&e),
+                },
+                Err(e) => self.down(&e),
+            }
+        }
+        self.client.as_mut()
+    }
+
+    fn down(&mut self, e: &CriError) {
+        self.client = None;
+        self.down_since = Some(Instant::now());
+        if !self.logged_down {
+            // Once: a node without a runtime socket (or a dev box) would
+            // otherwise log every few seconds forever.
+            tracing::warn!(error = %e, "CRI runtime unavailable; pod selectors match nothing, cgroups are classified by path (retrying quietly)");
+            self.logged_down = true;
+        }
+    }
+
+    /// Re-reads every sandbox and container from the runtime.
+    pub async fn refresh(&mut self) -> Result<(), ()> {
+        let Some(client) = self.client().await else {
+            return Err(());
+        };
+        let mut client = client.clone();
+        let listed = async {
+            let sandboxes = client.list_pod_sandbox().await?;
+            let containers = client.list_containers().await?;
+            Ok::<_, CriError>((sandboxes, containers))
+        }
+        .await;
+        let (sandboxes, containers) = match listed {
+            Ok(x) => x,
+            Err(e) => {
+                self.down(&e);
+                return Err(());
+            }
+        };
+        let mut pods: HashMap<String, Pod> = HashMap::new();
+        // Newest sandbox last, so a pod's metadata is that of its newest
+        // attempt (labels can change between attempts).
+        let mut sandboxes = sandboxes;
+        sandboxes.sort_by_key(|s| s.created_at);
+        for s in sandboxes {
+            let Some(md) = s.metadata.as_ref() else {
+                continue;
+            };
+            let uid = md.uid.clone();
+            let labels = s
+                .labels
+                .iter()
+                .filter(|(k, _)| !KUBELET_SANDBOX_LABELS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let service_account =
+                service_account::read(&self.cfg.kubelet_root, &uid).map(|t| t.name);
+            let entry = pods.entry(uid.clone()).or_insert_with(|| Pod {
+                sandbox_ids: Vec::new(),
+                meta: PodMetadata::default(),
+            });
+            entry.sandbox_ids.push(s.id.clone());
+            entry.meta = PodMetadata {
+                uid,
+                namespace: md.namespace.clone(),
+                name: md.name.clone(),
+                labels,
+                service_account,
+                container: None,
+            };
+        }
+        self.pods = pods;
+        self.containers = containers.into_iter().map(|c| (c.id.clone(), c)).collect();
+        Ok(())
+    }
+
+    fn answer(&self, pc: &PodCgroup) -> Option<PodMetadata> {
+        let pod = self.pods.get(&pc.pod_uid)?;
+        let mut meta = pod.meta.clone();
+        if let Some(id) = &pc.container_id
+            && !pod.sandbox_ids.contains(id)
+        {
+            let c = self.containers.get(id)?;
+            meta.container = Some(ContainerMetadata {
+                id: id.clone(),
+                name: c
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default(),
+                image: c
+                    .image
+                    .as_ref()
+                    .map(|i| i.image.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        Some(meta)
+    }
+
+    /// Metadata for the cgroup at `path` (relative to the v2 root).
+    pub async fn lookup(&mut self, path: &str) -> Lookup {
+        let Some(pc) = cgroup_path::parse(path) else {
+            return Lookup::NotPod;
+        };
+        if !self.enabled() {
+            return Lookup::Unavailable;
+        }
+        if let Some(meta) = self.answer(&pc) {
+            return Lookup::Known(Arc::new(meta));
+        }
+        // Only container cgroups are worth waiting for: the runtime knows a
+        // container before it creates its cgroup, while a pod-level cgroup
+        // can precede its sandbox by seconds (network setup).
+        let deadline = Instant::now() + self.cfg.settle;
+        loop {
+            if self.refresh().await.is_err() {
+                return Lookup::Unavailable;
+            }
+            if let Some(meta) = self.answer(&pc) {
+                return Lookup::Known(Arc::new(meta));
+            }
+            if pc.container_id.is_none() || Instant::now() >= deadline {
+                return Lookup::Pending;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Fills in [`CgroupInfo::pod`] for a whole scan with one refresh (a
+    /// full scan must not ask the runtime once per cgroup).
+    pub async fn annotate(&mut self, cgroups: &mut [CgroupInfo]) {
+        let parsed: Vec<Option<PodCgroup>> = cgroups
+            .iter()
+            .map(|c| cgroup_path::parse(&c.path))
+            .collect();
+        if parsed.iter().all(Option::is_none) {
+            return;
+        }
+        let available = self.enabled() && self.refresh().await.is_ok();
+        for (cg, pc) in cgroups.iter_mut().zip(parsed) {
+            cg.pod = match pc {
+                None => Lookup::NotPod,
+                Some(_) if !available => Lookup::Unavailable,
+                Some(pc) => match self.answer(&pc) {
+                    Some(meta) => Lookup::Known(Arc::new(meta)),
+                    None => Lookup::Pending,
+                },
+            };
+        }
+    }
+
+    /// [`Resolver::annotate`] from synchronous code; see
+    /// [`Resolver::lookup_blocking`].
+    pub fn annotate_blocking(&mut self, cgroups: &mut [CgroupInfo]) {
+        if cgroups
+            .iter()
+            .all(|c| cgroup_path::parse(&c.path).is_none())
+        {
+            return;
+        }
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| handle.block_on(self.annotate(cgroups)));
+    }
+
+    /// [`Resolver::lookup`] from synchronous code running on the agent's
+    /// multi-threaded runtime (the daemon's classification path), without
+    /// stalling the runtime's other tasks.
+    pub fn lookup_blocking(&mut self, path: &str) -> Lookup {
+        if cgroup_path::parse(path).is_none() {
+            return Lookup::NotPod;
+        }
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| handle.block_on(self.lookup(path)))
+    }
+}
