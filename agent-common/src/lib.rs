@@ -38,6 +38,24 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 /// `PerCpuArray<u64>`: decisions, indexed by [`decision_index`].
 pub const MAP_DECISIONS: &str = "DECISIONS";
 
+/// Maps the agent pins under `<pin dir>/maps-v<PIN_LAYOUT>/` so a restarted
+/// agent adopts the policy in force instead of starting from empty maps.
+pub const PINNED_MAPS: [&str; 9] = [
+    MAP_IDENTITIES,
+    MAP_IDENTITY_CFG,
+    MAP_NET_RULES,
+    MAP_EXEC_RULES,
+    MAP_FILE_RULES,
+    MAP_ONLY_FROM,
+    MAP_EVENTS,
+    MAP_COUNTERS,
+    MAP_DECISIONS,
+];
+/// Layout version of the pinned maps: bump it whenever a key or value type
+/// above changes, so an agent never adopts maps of another layout (aya reuses
+/// a pinned map by name without comparing its definition).
+pub const PIN_LAYOUT: u32 = 1;
+
 /// Read-only global (`KernelOffsets`) the agent fills from the running
 /// kernel's BTF with `EbpfLoader::override_global` before load.
 pub const GLOBAL_OFFSETS: &str = "OFFSETS";
@@ -195,7 +213,11 @@ pub struct NetRuleSet {
 
 impl Default for NetRuleSet {
     fn default() -> Self {
-        Self { count: 0, _pad: 0, rules: [NetRule::default(); NET_RULES_PER_PREFIX] }
+        Self {
+            count: 0,
+            _pad: 0,
+            rules: [NetRule::default(); NET_RULES_PER_PREFIX],
+        }
     }
 }
 

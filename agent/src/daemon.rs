@@ -5,10 +5,11 @@
 //! ring-buffer reader and the metrics endpoint run beside it and only read.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{PerCpuArray, RingBuf};
@@ -26,8 +27,17 @@ use crate::{
     loader::{self, LoadOptions, MapSizes},
     maps::PolicyMaps,
     metrics::{self, KernelCounters, Metrics},
+    pin, pod,
     policy::{self, Policy},
 };
+
+/// How long a replaced generation's rules stay in the maps after the flip: a
+/// hook that read a cgroup's old identity just before the flip may still look
+/// up that identity's rules. Hooks run for microseconds; this is generous.
+const RETIRE_GRACE: Duration = Duration::from_secs(1);
+/// Generations whose onlyFrom set ids are told apart (see
+/// [`State::numbering`]); far more than can await retirement at once.
+const ONLY_FROM_GENERATIONS: u32 = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -47,6 +57,8 @@ pub enum DaemonError {
     Events(#[from] events::EventsError),
     #[error("map {name} is missing or of the wrong type")]
     Map { name: &'static str },
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
     #[error("installing the {0} signal handler")]
     Signal(&'static str, #[source] std::io::Error),
 }
@@ -66,6 +78,13 @@ pub struct Config {
     /// How often the cgroup tree is rescanned (safety net for lost
     /// `cgroup_mkdir` events).
     pub rescan_interval: Duration,
+    /// bpffs directory for pins (enforcement outlives the agent); `None`
+    /// pins nothing.
+    pub pin_dir: Option<PathBuf>,
+    /// Remove every pin on exit, so enforcement stops with the agent.
+    pub detach_on_exit: bool,
+    /// Where pod metadata comes from (CRI socket, kubelet root).
+    pub pods: pod::ResolverConfig,
 }
 
 /// The policy generation in force and what owns it.
@@ -76,11 +95,16 @@ struct State {
     names: events::SharedNames,
     maps: PolicyMaps,
     next_identity: u32,
-    /// Alternates so two live generations never share onlyFrom set ids.
+    /// Counts compiles; numbers onlyFrom sets apart between generations.
     generation: u32,
+    /// Replaced generations whose rules are deleted once their grace period
+    /// ends (see [`RETIRE_GRACE`]).
+    retiring: VecDeque<(Instant, Arc<Compiled>)>,
     metrics: Arc<Metrics>,
     fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
     paths: Vec<PathBuf>,
+    /// Pod metadata for cgroups in pods (CRI).
+    pods: pod::Resolver,
 }
 
 fn log_policy_errors(errors: &[policy::PolicyError]) {
@@ -114,7 +138,37 @@ impl State {
     fn numbering(&self) -> Numbering {
         Numbering {
             first_identity: self.next_identity,
-            only_from_base: if self.generation % 2 == 0 { 1 << 30 } else { 2 << 30 },
+            // Rule ids stay below 2^24; each live generation gets its own
+            // 2^24 block, so no two share a set id.
+            only_from_base: (self.generation % ONLY_FROM_GENERATIONS + 1) << 24,
+        }
+    }
+
+    /// Schedules `old`'s rules for deletion after the grace period.
+    fn schedule_retire(&mut self, old: Arc<Compiled>) {
+        self.retiring
+            .push_back((Instant::now() + RETIRE_GRACE, old));
+        // Bound what waits (reloads faster than the grace period): the
+        // oldest goes at once; it was replaced long ago.
+        while self.retiring.len() >= ONLY_FROM_GENERATIONS as usize / 2 {
+            self.retire_due(true);
+        }
+    }
+
+    /// Deletes the rules of generations whose grace period is over (or the
+    /// oldest one, when `force`).
+    fn retire_due(&mut self, force: bool) {
+        while let Some((due, _)) = self.retiring.front() {
+            if !force && *due > Instant::now() {
+                break;
+            }
+            let Some((_, old)) = self.retiring.pop_front() else {
+                break;
+            };
+            self.maps.retire(&old, &self.compiled);
+            if force {
+                break;
+            }
         }
     }
 
@@ -122,7 +176,11 @@ impl State {
         for w in &compiled.warnings {
             tracing::warn!("{w}");
         }
-        self.next_identity = compiled.identity_cfg.keys().max().map_or(self.next_identity, |m| m + 1);
+        self.next_identity = compiled
+            .identity_cfg
+            .keys()
+            .max()
+            .map_or(self.next_identity, |m| m + 1);
         self.compiled = Arc::new(compiled);
         *self.names.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&self.compiled);
         let sizes = MapSizes::default();
@@ -155,7 +213,8 @@ impl State {
                 return;
             }
         };
-        let cgroups = identity::scan(&self.root);
+        let mut cgroups = identity::scan(&self.root);
+        self.pods.annotate_blocking(&mut cgroups);
         self.generation += 1;
         let result = compile::compile(&policies, &cgroups, self.numbering())
             .map_err(DaemonError::from)
@@ -163,6 +222,10 @@ impl State {
                 self.maps.apply(Some(&self.compiled), &new)?;
                 Ok(new)
             });
+        if result.is_ok() {
+            let old = Arc::clone(&self.compiled);
+            self.schedule_retire(old);
+        }
         match result {
             Ok(new) => {
                 let old: Vec<&str> = self.policies.iter().map(|p| p.name.as_str()).collect();
@@ -192,11 +255,20 @@ impl State {
     }
 
     /// Classifies one cgroup created since the last full compile.
-    fn classify(&mut self, cg: CgroupInfo) {
+    fn classify(&mut self, mut cg: CgroupInfo) {
         if self.compiled.cgroups.contains_key(&cg.id) {
             return;
         }
-        let set = compile::select(&self.policies, &cg.path);
+        if cg.pod == pod::Lookup::NotPod {
+            cg.pod = self.pods.lookup_blocking(&cg.path);
+        }
+        if cg.pod == pod::Lookup::Pending {
+            // Unmapped, it keeps its nearest classified ancestor's identity;
+            // the next rescan asks again.
+            tracing::debug!(cgroup = %cg.path, "pod metadata not known yet; cgroup keeps its ancestor's identity");
+            return;
+        }
+        let set = compile::select_cgroup(&self.policies, &cg);
         let mut compiled = (*self.compiled).clone();
         let identity = if set.is_empty() {
             portcullis_common::IDENTITY_UNRESTRICTED
@@ -226,10 +298,37 @@ impl State {
 
     /// Classifies cgroups the mkdir events missed.
     fn rescan(&mut self) {
-        for cg in identity::scan(&self.root) {
-            if !self.compiled.cgroups.contains_key(&cg.id) {
-                self.classify(cg);
+        let scanned = identity::scan(&self.root);
+        // Cgroups removed since (a deleted pod's): drop their mapping.
+        let live: std::collections::HashSet<u64> = scanned.iter().map(|c| c.id).collect();
+        let gone: Vec<u64> = self
+            .compiled
+            .cgroups
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            let mut compiled = (*self.compiled).clone();
+            for id in &gone {
+                self.maps.remove_cgroup(*id);
+                compiled.cgroups.remove(id);
+                compiled.cgroup_paths.remove(id);
             }
+            tracing::debug!(
+                removed = gone.len(),
+                "dropped the identity mappings of removed cgroups"
+            );
+            self.publish(compiled);
+        }
+        let mut fresh: Vec<CgroupInfo> = scanned
+            .into_iter()
+            .filter(|cg| !self.compiled.cgroups.contains_key(&cg.id))
+            .collect();
+        // One CRI refresh for the whole batch, not one per cgroup.
+        self.pods.annotate_blocking(&mut fresh);
+        for cg in fresh {
+            self.classify(cg);
         }
     }
 }
@@ -238,7 +337,9 @@ impl State {
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let policies = policy::load_paths(&cfg.policy_paths).map_err(|errors| {
         log_policy_errors(&errors);
-        DaemonError::InvalidPolicy { count: errors.len() }
+        DaemonError::InvalidPolicy {
+            count: errors.len(),
+        }
     })?;
     let root = cgroup::v2_root()?;
     tracing::info!(cgroup_root = %root.display(), policies = policies.len(), "starting");
@@ -247,6 +348,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         btf_path: "/sys/kernel/btf/vmlinux".into(),
         force_fallback: cfg.force_fallback,
         map_sizes: MapSizes::default(),
+        pin_dir: cfg.pin_dir.clone(),
     })?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_backends(&kernel.backends);
@@ -258,8 +360,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let counters = KernelCounters {
         counters: PerCpuArray::try_from(take(&mut kernel.ebpf, MAP_COUNTERS)?)
             .map_err(|_| DaemonError::Map { name: MAP_COUNTERS })?,
-        decisions: PerCpuArray::try_from(take(&mut kernel.ebpf, MAP_DECISIONS)?)
-            .map_err(|_| DaemonError::Map { name: MAP_DECISIONS })?,
+        decisions: PerCpuArray::try_from(take(&mut kernel.ebpf, MAP_DECISIONS)?).map_err(|_| {
+            DaemonError::Map {
+                name: MAP_DECISIONS,
+            }
+        })?,
     };
     let stats = Arc::new(ReaderStats::default());
     metrics.set_kernel(counters, Arc::clone(&stats));
@@ -272,14 +377,49 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         maps,
         next_identity: 1,
         generation: 0,
+        retiring: VecDeque::new(),
         metrics: Arc::clone(&metrics),
         fingerprint: Vec::new(),
         paths: cfg.policy_paths.clone(),
+        pods: pod::Resolver::new(cfg.pods.clone()),
     };
+    // Pinned maps of an earlier instance still hold its policy, which stays
+    // in force until ours replaces it like any reload; our numbers must not
+    // collide with its.
+    let adopted = kernel.adopted_maps.then(|| state.maps.snapshot());
+    if let Some(old) = &adopted {
+        let ids = old.identity_cfg.keys().chain(old.cgroups.values());
+        state.next_identity = ids.max().map_or(1, |m| m + 1);
+        let bases: std::collections::BTreeSet<u32> =
+            old.only_from.iter().map(|k| k.identity >> 24).collect();
+        while bases.contains(&(state.generation % ONLY_FROM_GENERATIONS + 1)) {
+            state.generation += 1;
+        }
+        tracing::info!(
+            pin_dir = ?cfg.pin_dir,
+            cgroups = old.cgroups.len(),
+            identities = old.identity_cfg.len(),
+            old_links = kernel.old_links.len(),
+            "adopting the pinned maps of an earlier instance; its policy stays in force until this one applies"
+        );
+    }
     // The first load must succeed: there is nothing in force to fall back to.
-    let cgroups = identity::scan(&root);
+    let mut cgroups = identity::scan(&root);
+    state.pods.annotate_blocking(&mut cgroups);
     let first = compile::compile(&policies, &cgroups, state.numbering())?;
-    state.maps.apply(None, &first)?;
+    state.maps.apply(adopted.as_ref(), &first)?;
+    if let Some(old) = adopted {
+        state.schedule_retire(Arc::new(old));
+    }
+    // Make before break: the earlier instance's programs detach only now
+    // that ours enforce the new policy.
+    let retired = std::mem::take(&mut kernel.old_links).retire()?;
+    if retired > 0 {
+        tracing::info!(
+            links = retired,
+            "detached the programs of an earlier instance"
+        );
+    }
     state.policies = policies;
     state.fingerprint = fingerprint(&cfg.policy_paths);
     tracing::info!(
@@ -294,11 +434,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
 
     let (mkdir_tx, mut mkdir_rx) = mpsc::unbounded_channel();
     let sink = Sink::open(cfg.decisions_file.clone())?;
-    let reader = tokio::spawn(events::run(ring, Arc::clone(&state.names), sink, mkdir_tx, stats));
+    let reader = tokio::spawn(events::run(
+        ring,
+        Arc::clone(&state.names),
+        sink,
+        mkdir_tx,
+        stats,
+    ));
     let listener = metrics::bind(cfg.metrics_addr).await?;
     tracing::info!(addr = %listener.local_addr().unwrap_or(cfg.metrics_addr), "serving /metrics, /healthz, /readyz");
     let server = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
-    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         connect = kernel.backends.connect.as_str(),
         exec = kernel.backends.exec.as_str(),
@@ -312,6 +460,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
     let mut watch = tokio::time::interval(cfg.watch_interval);
     let mut rescan = tokio::time::interval(cfg.rescan_interval);
+    let mut retire = tokio::time::interval(RETIRE_GRACE / 4);
     loop {
         tokio::select! {
             _ = hup.recv() => state.reload("SIGHUP"),
@@ -321,6 +470,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
             }
             _ = rescan.tick() => state.rescan(),
+            _ = retire.tick() => state.retire_due(false),
             Some(path) = mkdir_rx.recv() => {
                 if let Some(cg) = identity::lookup(&state.root, &path) {
                     state.classify(cg);
@@ -334,10 +484,22 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             break;
         }
     }
-    tracing::info!("stopping; programs detach");
-    metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    metrics
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     reader.abort();
     server.abort();
+    match (&kernel.pins, cfg.detach_on_exit) {
+        (Some(pins), false) => tracing::info!(
+            pin_dir = %pins.root().display(),
+            "stopping; enforcement continues from the pinned programs (`portcullis uninstall` removes them)"
+        ),
+        (Some(pins), true) => {
+            let removed = pin::uninstall(pins.root())?;
+            tracing::info!(pin_dir = %pins.root().display(), removed, "stopping; pins removed, programs detach");
+        }
+        (None, _) => tracing::info!("stopping; programs detach"),
+    }
     drop(kernel);
     Ok(())
 }

@@ -10,5 +10,6 @@ pub mod identity;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod pin;
 pub mod pod;
 pub mod policy;

@@ -14,16 +14,22 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError,
+        links::{FdLink, PinnedLink},
+    },
 };
 use portcullis_common::{
     BACKEND_CGROUP_SOCK_ADDR, BACKEND_LSM, BACKEND_NONE, BACKEND_TRACEPOINT_KILL, GLOBAL_OFFSETS,
     MAP_EVENTS, MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES,
-    MAP_ONLY_FROM, PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_EXEC_LSM, PROG_EXEC_TP,
-    PROG_OPEN_LSM, PROG_OPEN_TP, PROG_SENDMSG4, PROG_SENDMSG6,
+    MAP_ONLY_FROM, PINNED_MAPS, PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_EXEC_LSM,
+    PROG_EXEC_TP, PROG_OPEN_LSM, PROG_OPEN_TP, PROG_SENDMSG4, PROG_SENDMSG6,
 };
 
-use crate::btf::{self, BtfError};
+use crate::{
+    btf::{self, BtfError},
+    pin::{OldLinks, PinDir, PinError},
+};
 
 /// The eBPF object built by `build.rs` (empty under `AYA_BUILD_SKIP`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
@@ -72,6 +78,14 @@ pub enum LoaderError {
         program: &'static str,
         reason: String,
     },
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("program {program}: its link cannot be pinned")]
+    LinkNotPinnable {
+        program: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
     #[error("opening cgroup {path} for program {program}")]
     Cgroup {
         program: &'static str,
@@ -91,6 +105,10 @@ pub struct LoadOptions {
     /// Skip BPF-LSM even where it works (tests the fallback path).
     pub force_fallback: bool,
     pub map_sizes: MapSizes,
+    /// Pin maps and links under this bpffs directory (enforcement outlives
+    /// the agent; earlier instances' pins are adopted). `None`: nothing is
+    /// pinned and everything detaches when [`Kernel`] drops.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl LoadOptions {
@@ -102,6 +120,7 @@ impl LoadOptions {
             btf_path: PathBuf::from(btf::VMLINUX_BTF),
             force_fallback: false,
             map_sizes: MapSizes::default(),
+            pin_dir: None,
         }
     }
 }
@@ -179,11 +198,36 @@ pub struct Backends {
     pub open: Backend,
 }
 
-/// The loaded programs. The links live inside `ebpf` (aya keeps them with
-/// their program): dropping this detaches everything.
+/// The loaded programs. Unpinned, the links live inside `ebpf` (aya keeps
+/// them with their program) and dropping this detaches everything; pinned,
+/// they stay attached until their pins are removed.
 pub struct Kernel {
     pub ebpf: Ebpf,
     pub backends: Backends,
+    /// Where this instance pinned its maps and links.
+    pub pins: Option<PinDir>,
+    /// Links of earlier agent instances, still attached: retire them once
+    /// this instance's policy is in force.
+    pub old_links: OldLinks,
+    /// True when the policy maps were adopted from an earlier instance (they
+    /// hold its policy).
+    pub adopted_maps: bool,
+    /// This instance's pinned links (kept so their fds live as long as the
+    /// agent).
+    pinned: Vec<PinnedLink>,
+    /// Unpinned links: they detach when this drops.
+    #[expect(
+        dead_code,
+        reason = "held, never read: dropping them detaches the programs"
+    )]
+    links: Vec<FdLink>,
+}
+
+impl Kernel {
+    /// How many links this instance pinned.
+    pub fn pinned_links(&self) -> usize {
+        self.pinned.len()
+    }
 }
 
 /// Where a program attaches.
@@ -336,7 +380,18 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         }
     })?;
     let s = opts.map_sizes;
-    let mut ebpf = EbpfLoader::new()
+    let pins = opts.pin_dir.as_ref().map(PinDir::open).transpose()?;
+    let mut loader = EbpfLoader::new();
+    let mut adopted_maps = false;
+    let mut old_links = OldLinks::default();
+    if let Some(pins) = &pins {
+        for name in PINNED_MAPS {
+            adopted_maps |= name == MAP_IDENTITIES && pins.map(name).exists();
+            loader.map_pin_path(name, pins.map(name));
+        }
+        old_links = pins.old_links()?;
+    }
+    let mut ebpf = loader
         .btf(Some(&kbtf))
         .override_global(GLOBAL_OFFSETS, &offsets, true)
         .map_max_entries(MAP_IDENTITIES, s.identities)
@@ -356,6 +411,8 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         exec: Backend::None,
         open: Backend::None,
     };
+    let mut pinned = Vec::new();
+    let mut links = Vec::new();
     for spec in PROGRAMS.iter().filter(|s| !s.fallback_only) {
         let skip_reason = match spec.hook {
             Hook::Lsm(_) if opts.force_fallback => Some("fallback forced"),
@@ -365,13 +422,13 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         let result = match skip_reason {
             Some(reason) => Err(reason.to_owned()),
             None => match (attach(&mut ebpf, spec, opts, &kbtf), spec.fallback) {
-                (Ok(()), _) => Ok(()),
+                (Ok(link), _) => Ok(link),
                 (Err(e), Some(_)) => Err(error_chain(&e)),
                 (Err(e), None) => return Err(e),
             },
         };
-        let used = match (result, spec.fallback) {
-            (Ok(()), _) => spec,
+        let (used, link) = match (result, spec.fallback) {
+            (Ok(link), _) => (spec, link),
             (Err(reason), Some(fallback)) => {
                 let fb = PROGRAMS
                     .iter()
@@ -386,8 +443,8 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
                     spec.backend.as_str(),
                     fb.backend.as_str(),
                 );
-                attach(&mut ebpf, fb, opts, &kbtf)?;
-                fb
+                let link = attach(&mut ebpf, fb, opts, &kbtf)?;
+                (fb, link)
             }
             // Only LSM programs are skipped, and they all have a fallback
             // (checked by a unit test).
@@ -398,6 +455,12 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
                 });
             }
         };
+        if let Some(pins) = &pins {
+            pinned.push(pins.pin_link(used.program, link)?);
+        } else {
+            // Unpinned: the link detaches when `Kernel` drops.
+            links.push(link);
+        }
         match used.action {
             Action::Connect => backends.connect = used.backend,
             Action::Exec => backends.exec = used.backend,
@@ -411,7 +474,15 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
             "attached"
         );
     }
-    Ok(Kernel { ebpf, backends })
+    Ok(Kernel {
+        ebpf,
+        backends,
+        pins,
+        old_links,
+        adopted_maps,
+        pinned,
+        links,
+    })
 }
 
 /// An error with its sources, for a log line.
@@ -431,7 +502,7 @@ fn attach(
     spec: &ProgramSpec,
     opts: &LoadOptions,
     kbtf: &Btf,
-) -> Result<(), LoaderError> {
+) -> Result<FdLink, LoaderError> {
     let program = spec.program;
     let hook = spec.hook.name();
     let prog = ebpf
@@ -465,21 +536,26 @@ fn attach(
             // links always coexist with other programs (multi semantics);
             // that syscall rejects BPF_F_ALLOW_MULTI with EINVAL, so the
             // mode must be the default here.
-            p.attach(cgroup, CgroupAttachMode::Single)
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(attach_err)?;
+            let link = p.take_link(id).map_err(attach_err)?;
+            FdLink::try_from(link)
+                .map_err(|source| LoaderError::LinkNotPinnable { program, source })
         }
         Hook::Lsm(name) => {
             let p: &mut Lsm = prog.try_into().map_err(wrong_type)?;
             p.load(name, kbtf).map_err(load_err)?;
-            p.attach().map_err(attach_err)?;
+            let id = p.attach().map_err(attach_err)?;
+            Ok(p.take_link(id).map_err(attach_err)?.into())
         }
         Hook::BtfTracepoint(name) => {
             let p: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
             p.load(name, kbtf).map_err(load_err)?;
-            p.attach().map_err(attach_err)?;
+            let id = p.attach().map_err(attach_err)?;
+            Ok(p.take_link(id).map_err(attach_err)?.into())
         }
     }
-    Ok(())
 }
 
 /// Whether `bpf` is in the active LSM list (mounting securityfs if needed).

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use portcullis::{daemon, policy};
+use portcullis::{daemon, pin, pod, policy};
 
 #[derive(Parser)]
 #[command(version, about = "Host access enforcement for Linux workloads (eBPF)")]
@@ -43,6 +43,34 @@ enum Command {
         /// Seconds between full rescans of the cgroup tree.
         #[arg(long, default_value_t = 5.0)]
         rescan_interval: f64,
+        /// bpffs directory where programs' links and the policy maps are
+        /// pinned, so enforcement outlives the agent and a restart adopts it.
+        #[arg(long, default_value = pin::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Pin nothing: programs detach when the agent exits.
+        #[arg(long, conflicts_with = "detach_on_exit")]
+        no_pin: bool,
+        /// Remove the pins on exit (SIGINT/SIGTERM), so enforcement stops with
+        /// the agent. A crash (SIGKILL) still leaves the last policy enforced.
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// CRI runtime socket for pod metadata (namespace, labels, container
+        /// names); pod selectors need it. Unreachable: logged once, cgroups
+        /// are classified by path only.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        cri_socket: PathBuf,
+        /// Do not ask a CRI runtime: pod selectors match nothing.
+        #[arg(long)]
+        no_cri: bool,
+        /// The kubelet's root directory (service account tokens of pods).
+        #[arg(long, default_value = "/var/lib/kubelet")]
+        kubelet_root: PathBuf,
+    },
+    /// Remove everything the agent pinned: programs detach, enforcement stops.
+    Uninstall {
+        /// The pin directory the agent ran with.
+        #[arg(long, default_value = pin::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Check policy files; print every error with file, line, column and field.
     Validate {
@@ -55,7 +83,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -78,6 +108,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Uninstall { pin_dir } => match pin::uninstall(&pin_dir) {
+            Ok(n) => {
+                println!(
+                    "removed {n} pins under {}; enforcement stopped",
+                    pin_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portcullis uninstall: {:#}", anyhow::Error::from(e));
+                ExitCode::FAILURE
+            }
+        },
         Command::Run {
             policies,
             metrics_addr,
@@ -85,6 +128,12 @@ fn main() -> ExitCode {
             force_fallback,
             watch_interval,
             rescan_interval,
+            pin_dir,
+            no_pin,
+            detach_on_exit,
+            cri_socket,
+            no_cri,
+            kubelet_root,
         } => {
             init_logging(cli.log_format);
             let cfg = daemon::Config {
@@ -94,6 +143,13 @@ fn main() -> ExitCode {
                 force_fallback,
                 watch_interval: Duration::from_secs_f64(watch_interval.max(0.05)),
                 rescan_interval: Duration::from_secs_f64(rescan_interval.max(0.05)),
+                pin_dir: (!no_pin).then_some(pin_dir),
+                detach_on_exit,
+                pods: pod::ResolverConfig {
+                    cri_socket: (!no_cri).then_some(cri_socket),
+                    kubelet_root,
+                    ..Default::default()
+                },
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

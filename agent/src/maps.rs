@@ -3,9 +3,12 @@
 //! A swap never shows a syscall a half-applied policy: the new generation's
 //! rules are written under identity numbers the old one does not use, then
 //! each cgroup is pointed at its new identity with one map update (atomic per
-//! cgroup), and only then are the old generation's entries deleted. If a
-//! write fails before the flip (a map is full), the new entries are removed
-//! again and the old generation stays in force untouched.
+//! cgroup), and only then are the old generation's entries deleted — after a
+//! grace period ([`PolicyMaps::retire`], scheduled by the daemon), because a
+//! hook that read a cgroup's old identity just before the flip may still be
+//! about to look up that identity's rules. If a write fails before the flip
+//! (a map is full), the new entries are removed again and the old generation
+//! stays in force untouched.
 
 use std::{collections::BTreeSet, hash::Hash};
 
@@ -92,8 +95,9 @@ impl PolicyMaps {
         })
     }
 
-    /// Replaces generation `old` (what the kernel holds now, if anything)
-    /// with `new`. See the module docs for the ordering.
+    /// Puts generation `new` in force in place of `old` (what the kernel
+    /// holds now, if anything). `old`'s rules stay in the maps until
+    /// [`PolicyMaps::retire`]. See the module docs for the ordering.
     pub fn apply(&mut self, old: Option<&Compiled>, new: &Compiled) -> Result<(), MapsError> {
         let empty = Compiled::default();
         let old = old.unwrap_or(&empty);
@@ -104,13 +108,29 @@ impl PolicyMaps {
         }
         // The flip: one update per cgroup.
         for (&cg, &id) in &new.cgroups {
-            self.identities.insert(cg, id, 0).map_err(err(MAP_IDENTITIES))?;
+            self.identities
+                .insert(cg, id, 0)
+                .map_err(err(MAP_IDENTITIES))?;
         }
-        for cg in old.cgroups.keys().filter(|cg| !new.cgroups.contains_key(cg)) {
+        for cg in old
+            .cgroups
+            .keys()
+            .filter(|cg| !new.cgroups.contains_key(cg))
+        {
             let _ = self.identities.remove(cg);
         }
-        // Old generation out. Failures here leave only unreachable entries.
-        for id in old.identity_cfg.keys().filter(|k| !new.identity_cfg.contains_key(k)) {
+        Ok(())
+    }
+
+    /// Deletes the rules of a generation no cgroup points at any more,
+    /// keeping any entry `live` (the generation in force) also has. Failures
+    /// leave only unreachable entries.
+    pub fn retire(&mut self, old: &Compiled, new: &Compiled) {
+        for id in old
+            .identity_cfg
+            .keys()
+            .filter(|k| !new.identity_cfg.contains_key(k))
+        {
             let _ = self.identity_cfg.remove(id);
         }
         for k in old.exec.keys().filter(|k| !new.exec.contains_key(k)) {
@@ -125,10 +145,33 @@ impl PolicyMaps {
         for (len, data) in old.net.keys().filter(|k| !new.net.contains_key(k)) {
             let _ = self.net.remove(&Key::new(*len, *data));
         }
-        Ok(())
     }
 
-    fn write_rules(&mut self, old: &Compiled, new: &Compiled, undo: &mut Undo) -> Result<(), MapsError> {
+    /// What the maps hold now (keys and values, no names): the policy an
+    /// earlier agent instance left in pinned maps, to be replaced and retired
+    /// like any old generation.
+    pub fn snapshot(&self) -> Compiled {
+        let mut c = Compiled::default();
+        c.cgroups = self.identities.iter().filter_map(Result::ok).collect();
+        c.identity_cfg = self.identity_cfg.iter().filter_map(Result::ok).collect();
+        c.exec = self.exec.iter().filter_map(Result::ok).collect();
+        c.files = self.files.iter().filter_map(Result::ok).collect();
+        c.only_from = self.only_from.keys().filter_map(Result::ok).collect();
+        c.net = self
+            .net
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+            .collect();
+        c
+    }
+
+    fn write_rules(
+        &mut self,
+        old: &Compiled,
+        new: &Compiled,
+        undo: &mut Undo,
+    ) -> Result<(), MapsError> {
         undo.only_from = insert_all(
             &mut self.only_from,
             MAP_ONLY_FROM,
@@ -148,7 +191,9 @@ impl PolicyMaps {
             &|k| old.files.contains_key(k),
         )?;
         for (&(len, data), v) in &new.net {
-            self.net.insert(&Key::new(len, data), *v, 0).map_err(err(MAP_NET_RULES))?;
+            self.net
+                .insert(&Key::new(len, data), *v, 0)
+                .map_err(err(MAP_NET_RULES))?;
             if !old.net.contains_key(&(len, data)) {
                 undo.net.insert((len, data));
             }
@@ -180,10 +225,18 @@ impl PolicyMaps {
         }
     }
 
+    /// Drops a removed cgroup's mapping (its id is never reused, so this only
+    /// frees the map slot).
+    pub fn remove_cgroup(&mut self, cgroup_id: u64) {
+        let _ = self.identities.remove(&cgroup_id);
+    }
+
     /// Points one cgroup at an identity (a cgroup created since the last
     /// full apply).
     pub fn set_cgroup(&mut self, cgroup_id: u64, identity: u32) -> Result<(), MapsError> {
-        self.identities.insert(cgroup_id, identity, 0).map_err(err(MAP_IDENTITIES))
+        self.identities
+            .insert(cgroup_id, identity, 0)
+            .map_err(err(MAP_IDENTITIES))
     }
 
     /// Writes the rules and config of identities `new` has and `old` lacks

@@ -18,7 +18,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test or run uses.
 pub fn unique(tag: &str) -> String {
-    format!("{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Why a test cannot run here, or `None` when it can. Callers print the
@@ -129,17 +133,15 @@ fn probe_bin() -> PathBuf {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs the probe in `cg` with `args` (see `src/bin/probe.rs`).
 pub fn probe(cg: &Cgroup, args: &[&str]) -> Outcome {
-    let out = Command::new(probe_bin())
-        .arg(cg.dir_str())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", probe_bin().display()));
+    let out = probe_output(cg, args);
     if let Some(sig) = out.status.signal() {
         return Outcome::Killed(sig);
     }
@@ -160,6 +162,32 @@ pub fn probe(cg: &Cgroup, args: &[&str]) -> Outcome {
     }
 }
 
+/// Runs the probe in `cg` and returns its raw output (for ops with their
+/// own report, e.g. `hammer`).
+pub fn probe_output(cg: &Cgroup, args: &[&str]) -> std::process::Output {
+    Command::new(probe_bin())
+        .arg(cg.dir_str())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", probe_bin().display()))
+}
+
+/// A fresh pin directory on bpffs, for agents that must pin (the default)
+/// without meeting another test's pins.
+pub fn pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf").join(unique("portcullis-test"))
+}
+
+/// Runs `portcullis ARGS..` to completion (e.g. `validate`, `uninstall`).
+pub fn agent_cli(args: &[&str]) -> std::process::Output {
+    Command::new(agent_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", agent_bin().display()))
+}
+
 /// A running agent with its own policy directory, decision log and metrics
 /// port. Killed on drop.
 pub struct Agent {
@@ -167,6 +195,9 @@ pub struct Agent {
     pub dir: PathBuf,
     pub port: u16,
     reloads_seen: f64,
+    /// The pin directory the harness chose (removed on drop, even if the
+    /// agent crashed).
+    own_pins: Option<PathBuf>,
 }
 
 fn agent_bin() -> PathBuf {
@@ -176,7 +207,11 @@ fn agent_bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A scratch directory removed on drop.
@@ -209,11 +244,23 @@ impl Agent {
         Self::start_with(policy, &[])
     }
 
+    /// Starts the agent with extra `portcullis run` flags. Unless they name
+    /// a pin directory (or `--no-pin`), it pins under a fresh directory and
+    /// removes its pins on exit, so tests never share pins.
     pub fn start_with(policy: &str, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(unique("portcullis-agent"));
         std::fs::create_dir_all(dir.join("policies")).unwrap();
         std::fs::write(dir.join("policies/policy.yaml"), policy).unwrap();
         let port = free_port();
+        let own_pins = pin_dir();
+        let mut pin_args = vec![];
+        if !extra.iter().any(|a| *a == "--pin-dir" || *a == "--no-pin") {
+            pin_args = vec![
+                "--pin-dir".to_owned(),
+                own_pins.display().to_string(),
+                "--detach-on-exit".to_owned(),
+            ];
+        }
         let child = Command::new(agent_bin())
             .args(["run", "--policy"])
             .arg(dir.join("policies"))
@@ -221,13 +268,21 @@ impl Agent {
             .arg("--decisions-file")
             .arg(dir.join("decisions.jsonl"))
             .args(["--watch-interval", "3600"])
+            .args(&pin_args)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", agent_bin().display()));
-        let mut agent = Self { child, dir, port, reloads_seen: 0.0 };
+        let own_pins = (!pin_args.is_empty()).then_some(own_pins);
+        let mut agent = Self {
+            child,
+            dir,
+            port,
+            reloads_seen: 0.0,
+            own_pins,
+        };
         agent.wait_until("agent ready", Duration::from_secs(60), |a| {
             a.http("/readyz").is_some_and(|(code, _)| code == 200)
         });
@@ -235,19 +290,36 @@ impl Agent {
         agent
     }
 
+    /// Kills the agent with SIGKILL (no cleanup runs) and waits for it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Polls `cond` until it holds; panics with the agent's log otherwise.
-    pub fn wait_until(&mut self, what: &str, limit: Duration, mut cond: impl FnMut(&mut Self) -> bool) {
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut cond: impl FnMut(&mut Self) -> bool,
+    ) {
         let start = Instant::now();
         while start.elapsed() < limit {
             if cond(self) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("agent exited ({status}) while waiting for {what}:\n{}", self.log());
+                panic!(
+                    "agent exited ({status}) while waiting for {what}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("timed out after {limit:?} waiting for {what}; agent log:\n{}", self.log());
+        panic!(
+            "timed out after {limit:?} waiting for {what}; agent log:\n{}",
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {
@@ -262,7 +334,10 @@ impl Agent {
         let mut resp = String::new();
         s.read_to_string(&mut resp).ok()?;
         let code = resp.split_whitespace().nth(1)?.parse().ok()?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Some((code, body))
     }
 
@@ -270,7 +345,13 @@ impl Agent {
     pub fn metric(&self, sample: &str) -> f64 {
         let (_, body) = self.http("/metrics").expect("metrics endpoint");
         body.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix(sample)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0.0)
     }
 
@@ -298,16 +379,24 @@ impl Agent {
 
     /// Every decision line logged so far.
     pub fn decisions(&self) -> Vec<serde_json::Value> {
-        let Ok(f) = std::fs::File::open(self.dir.join("decisions.jsonl")) else { return vec![] };
+        let Ok(f) = std::fs::File::open(self.dir.join("decisions.jsonl")) else {
+            return vec![];
+        };
         std::io::BufReader::new(f)
             .lines()
             .map_while(Result::ok)
-            .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad decision line {l}: {e}")))
+            .map(|l| {
+                serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad decision line {l}: {e}"))
+            })
             .collect()
     }
 
     /// Waits for a decision line matching `pred` and returns it.
-    pub fn wait_decision(&mut self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_decision(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let mut found = None;
         self.wait_until(what, Duration::from_secs(10), |a| {
             found = a.decisions().into_iter().find(|d| pred(d));
@@ -321,7 +410,12 @@ impl Agent {
         let (_, body) = self.http("/metrics").expect("metrics endpoint");
         let prefix = format!("portcullis_backend{{hook=\"{hook}\",backend=\"");
         body.lines()
-            .find_map(|l| l.strip_prefix(&prefix)?.split('"').next().map(str::to_owned))
+            .find_map(|l| {
+                l.strip_prefix(&prefix)?
+                    .split('"')
+                    .next()
+                    .map(str::to_owned)
+            })
             .unwrap_or_default()
     }
 
@@ -342,6 +436,9 @@ impl Drop for Agent {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();
+        if let Some(pins) = &self.own_pins {
+            let _ = std::fs::remove_dir_all(pins);
+        }
         if std::thread::panicking() {
             eprintln!("agent log ({}):\n{}", self.dir.display(), self.log());
         }

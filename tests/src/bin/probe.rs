@@ -5,7 +5,11 @@
 //!
 //! Ops: `connect IP PORT [tcp|udp]`, `sendto IP PORT`, `read PATH`,
 //! `write PATH`, `read-in DIR RELPATH` (chdir, then a relative open),
-//! `exec PATH [ARGS..]`.
+//! `exec PATH [ARGS..]`, and
+//! `hammer SECS ALLOW_IP ALLOW_PORT DENY_IP DENY_PORT ALLOW_FILE`: for SECS
+//! seconds, loops an allowed connect, a denied connect and an allowed read,
+//! and prints `{"rounds":N,"violations":V,"first":"..."}` (V counts allowed
+//! calls that failed and denied calls that did not get EPERM).
 
 use std::{
     ffi::CString,
@@ -17,11 +21,18 @@ use std::{
 fn report(result: std::io::Result<usize>) -> ExitCode {
     let line = match &result {
         Ok(n) => format!("{{\"ok\":true,\"bytes\":{n}}}"),
-        Err(e) => format!("{{\"ok\":false,\"errno\":{}}}", e.raw_os_error().unwrap_or(-1)),
+        Err(e) => format!(
+            "{{\"ok\":false,\"errno\":{}}}",
+            e.raw_os_error().unwrap_or(-1)
+        ),
     };
     println!("{line}");
     let _ = std::io::stdout().flush();
-    if result.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn join_cgroup(dir: &str) -> std::io::Result<()> {
@@ -49,7 +60,9 @@ fn main() -> ExitCode {
         return ExitCode::from(3);
     }
     let result = match (op.as_str(), rest) {
-        ("connect", [ip, port]) | ("connect", [ip, port, _]) if rest.get(2).is_none_or(|p| p == "tcp") => {
+        ("connect", [ip, port]) | ("connect", [ip, port, _])
+            if rest.get(2).is_none_or(|p| p == "tcp") =>
+        {
             TcpStream::connect(addr(ip, port)).map(|_| 0)
         }
         ("connect", [ip, port, _udp]) => {
@@ -67,6 +80,15 @@ fn main() -> ExitCode {
             .write(true)
             .open(path)
             .and_then(|mut f| f.write(b"probe")),
+        ("hammer", [secs, aip, aport, dip, dport, file]) => {
+            hammer(
+                secs.parse().expect("secs"),
+                addr(aip, aport),
+                addr(dip, dport),
+                file,
+            );
+            return ExitCode::SUCCESS;
+        }
         ("read-in", [dir, rel]) => std::env::set_current_dir(dir).and_then(|()| read_all(rel)),
         ("exec", [path, argv @ ..]) => {
             let c = |s: &str| CString::new(s).expect("nul in arg");
@@ -82,4 +104,29 @@ fn main() -> ExitCode {
         }
     };
     report(result)
+}
+
+fn hammer(secs: f64, allowed: SocketAddr, denied: SocketAddr, file: &str) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let (mut rounds, mut violations, mut first) = (0u64, 0u64, String::new());
+    let mut note = |what: String| {
+        violations += 1;
+        if first.is_empty() {
+            first = what;
+        }
+    };
+    while std::time::Instant::now() < end {
+        rounds += 1;
+        if let Err(e) = TcpStream::connect(allowed) {
+            note(format!("allowed connect {allowed} failed: {e}"));
+        }
+        match TcpStream::connect(denied) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            other => note(format!("denied connect {denied} gave {other:?}")),
+        }
+        if let Err(e) = read_all(file) {
+            note(format!("allowed read {file} failed: {e}"));
+        }
+    }
+    println!("{{\"rounds\":{rounds},\"violations\":{violations},\"first\":{first:?}}}");
 }

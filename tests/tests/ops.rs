@@ -1,0 +1,273 @@
+//! Operating the agent: enforcement that outlives it (pins), and reloads
+//! that never open a gap.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use portcullis_tests::{
+    Agent, Cgroup, EPERM, Listener, Outcome, TempDir, agent_cli, pin_dir, policy_header, probe,
+    probe_output, require_kernel,
+};
+
+/// Removes a pin directory on drop (`portcullis uninstall`), so a failed
+/// test never leaves programs enforcing.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = agent_cli(&["uninstall", "--pin-dir", &self.0.display().to_string()]);
+    }
+}
+
+fn link_pins(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("links"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Unpinned links detach from a kernel work item, a moment after the pin
+/// goes: poll for the effect, for at most a few seconds.
+fn eventually_connects(cg: &Cgroup, port: &str) {
+    let start = std::time::Instant::now();
+    while probe(cg, &["connect", "127.0.0.1", port]) != Outcome::Ok(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still denied 5 s after the pins went"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn egress(cg: &Cgroup, body: &str) -> String {
+    format!(
+        "{}  network:\n    egress:\n{body}",
+        policy_header("egress", "enforce", &cg.path)
+    )
+}
+
+#[test]
+fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
+    require_kernel!();
+    let listener = Listener::new("127.0.0.1");
+    let port = listener.port.to_string();
+    let cg = Cgroup::create("pinned");
+    let pins = Pins(pin_dir());
+    let pin_arg = pins.0.display().to_string();
+    let deny = egress(
+        &cg,
+        &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"),
+    );
+
+    let mut first = Agent::start_with(&deny, &["--pin-dir", &pin_arg]);
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    let links_first = link_pins(&pins.0);
+    assert!(
+        links_first.len() >= 7,
+        "one pinned link per attached program: {links_first:?}"
+    );
+
+    // A crash: no cleanup runs. The pinned programs keep enforcing.
+    first.kill9();
+    for _ in 0..3 {
+        assert_eq!(
+            probe(&cg, &["connect", "127.0.0.1", &port]),
+            Outcome::Errno(EPERM)
+        );
+    }
+    assert_eq!(link_pins(&pins.0), links_first);
+
+    // A restart adopts the pinned maps and replaces the links: as many as
+    // before, none of the old instance's left (no duplicates attached).
+    let mut second = Agent::start_with(&deny, &["--pin-dir", &pin_arg]);
+    assert!(
+        second.log().contains("adopting the pinned maps"),
+        "{}",
+        second.log()
+    );
+    let links_second = link_pins(&pins.0);
+    assert_eq!(links_second.len(), links_first.len(), "{links_second:?}");
+    assert!(
+        links_second.iter().all(|l| !links_first.contains(l)),
+        "old links retired: {links_second:?}"
+    );
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    let d = second.wait_decision("deny logged after restart", |d| {
+        d["workload"]["cgroup"] == cg.path.as_str()
+    });
+    assert_eq!(d["verdict"], "deny");
+
+    // Reload still works on the adopted maps.
+    assert!(second.reload(&egress(&cg, "      default: allow\n")));
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+    assert!(second.reload(&deny));
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+
+    // A clean stop without --detach-on-exit keeps enforcing too ...
+    drop(second);
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    // ... until `portcullis uninstall` removes the pins.
+    let out = agent_cli(&["uninstall", "--pin-dir", &pin_arg]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.0.exists());
+    eventually_connects(&cg, &port);
+}
+
+#[test]
+fn detach_on_exit_stops_enforcement_with_the_agent() {
+    require_kernel!();
+    let listener = Listener::new("127.0.0.1");
+    let port = listener.port.to_string();
+    let cg = Cgroup::create("detach");
+    let pins = Pins(pin_dir());
+    let pin_arg = pins.0.display().to_string();
+    let deny = egress(
+        &cg,
+        &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"),
+    );
+    let agent = Agent::start_with(&deny, &["--pin-dir", &pin_arg, "--detach-on-exit"]);
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    drop(agent);
+    assert!(!pins.0.exists(), "pins removed on exit");
+    eventually_connects(&cg, &port);
+}
+
+/// Reloads hundreds of times while a process in the governed cgroup
+/// hammers allowed and denied connects, allowed reads, and (one process per
+/// attempt, since the fallback kills) denied opens. No denied call may ever
+/// succeed and no allowed call may ever fail.
+#[test]
+fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() {
+    require_kernel!();
+    let allowed = Listener::new("127.0.0.1");
+    let denied = Listener::new("127.0.0.1");
+    let cg = Arc::new(Cgroup::create("hammer"));
+    let tmp = TempDir::new("hammer");
+    std::fs::create_dir_all(tmp.path("secret")).unwrap();
+    std::fs::create_dir_all(tmp.path("other")).unwrap();
+    std::fs::create_dir_all(tmp.path("other2")).unwrap();
+    std::fs::write(tmp.path("secret/key"), "secret").unwrap();
+    std::fs::write(tmp.path("open.txt"), "open").unwrap();
+    let secret = tmp.str("secret/key");
+    let open = tmp.str("open.txt");
+
+    // Two policies that decide every hammered call the same way but differ
+    // in other rules, so each reload writes a genuinely new generation.
+    let policy = |extra_cidr: &str, extra_dir: &str| {
+        format!(
+            "{}  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"], protocol: tcp }}\n        - {{ cidr: {extra_cidr} }}\n  files:\n    - {{ path: \"{}/secret/**\", access: none }}\n    - {{ path: \"{}/{extra_dir}/**\", access: none }}\n",
+            policy_header("hammer", "enforce", &cg.path),
+            denied.port,
+            tmp.0.display(),
+            tmp.0.display(),
+        )
+    };
+    let a = policy("10.99.0.0/16", "other");
+    let b = policy("192.0.2.0/24", "other2");
+    let mut agent = Agent::start(&a);
+    let killed_or_eperm = agent.denied("open");
+    assert_eq!(probe(&cg, &["read", &secret]), killed_or_eperm);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (opens, bad_opens) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let opener = {
+        let (stop, opens, bad_opens, cg, secret) = (
+            stop.clone(),
+            opens.clone(),
+            bad_opens.clone(),
+            cg.clone(),
+            secret.clone(),
+        );
+        let expected = killed_or_eperm.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                opens.fetch_add(1, Ordering::Relaxed);
+                if probe(&cg, &["read", &secret]) != expected {
+                    bad_opens.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let hammer = {
+        let (cg, allowed, denied, open) = (
+            cg.clone(),
+            allowed.port.to_string(),
+            denied.port.to_string(),
+            open.clone(),
+        );
+        std::thread::spawn(move || {
+            probe_output(
+                &cg,
+                &[
+                    "hammer",
+                    "20",
+                    "127.0.0.1",
+                    &allowed,
+                    "127.0.0.1",
+                    &denied,
+                    &open,
+                ],
+            )
+        })
+    };
+
+    let mut reloads = 0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(18) && reloads < 300 {
+        assert!(
+            agent.reload(if reloads % 2 == 0 { &b } else { &a }),
+            "reload {reloads} rejected"
+        );
+        reloads += 1;
+    }
+    let out = hammer.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    opener.join().unwrap();
+
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "hammer report: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!(
+        "{reloads} reloads; hammer {report}; {} denied opens, {} wrong",
+        opens.load(Ordering::Relaxed),
+        bad_opens.load(Ordering::Relaxed)
+    );
+    assert!(reloads >= 100, "only {reloads} reloads in the time allowed");
+    assert!(report["rounds"].as_u64().unwrap() > 100, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+    assert!(opens.load(Ordering::Relaxed) > 10);
+    assert_eq!(bad_opens.load(Ordering::Relaxed), 0);
+}
