@@ -9,18 +9,25 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
         .join("agent-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
     // With AYA_BUILD_SKIP=1 (clippy, docs, pure unit tests) aya-build builds
     // nothing; leave an empty object so the crate still compiles. The loader
     // refuses an empty object with a clear error.
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?).join("portcullis");
+    let out =
+        std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?).join("portcullis");
     if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
         if !out.exists() {
             std::fs::write(&out, []).with_context(|| format!("writing {}", out.display()))?;
         }
     }
     aya_build::build_ebpf(
-        [aya_build::Package { name: "portcullis-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "portcullis-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

@@ -24,8 +24,10 @@ pub enum CgroupError {
 /// The mount point of the cgroup v2 hierarchy.
 pub fn v2_root() -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CgroupError::Io { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        path: path.into(),
+        source,
+    })?;
     mountinfo_cgroup2(&text).ok_or(CgroupError::NotMounted)
 }
 
@@ -64,7 +66,10 @@ fn unescape(s: &str) -> String {
 pub fn id_of(dir: &Path) -> Result<u64, CgroupError> {
     std::fs::metadata(dir)
         .map(|m| m.ino())
-        .map_err(|source| CgroupError::Io { path: dir.into(), source })
+        .map_err(|source| CgroupError::Io {
+            path: dir.into(),
+            source,
+        })
 }
 
 /// The cgroup path of `dir` as policies see it: relative to the v2 root,
@@ -94,10 +99,16 @@ mod tests {
     fn finds_hybrid_and_unified_mounts() {
         let hybrid = "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
                       41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(mountinfo_cgroup2(hybrid), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(
+            mountinfo_cgroup2(hybrid),
+            Some("/sys/fs/cgroup/unified".into())
+        );
         let unified = "30 23 0:26 / /sys/fs/cgroup rw shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(mountinfo_cgroup2(unified), Some("/sys/fs/cgroup".into()));
-        assert_eq!(mountinfo_cgroup2("1 0 0:1 / / rw - ext4 /dev/sda rw\n"), None);
+        assert_eq!(
+            mountinfo_cgroup2("1 0 0:1 / / rw - ext4 /dev/sda rw\n"),
+            None
+        );
         let escaped = "30 23 0:26 / /mnt/a\\040b rw - cgroup2 cgroup2 rw\n";
         assert_eq!(mountinfo_cgroup2(escaped), Some("/mnt/a b".into()));
     }
@@ -106,9 +117,18 @@ mod tests {
     fn names_paths_and_units() {
         let root = Path::new("/sys/fs/cgroup");
         assert_eq!(display_path(root, root), "/");
-        assert_eq!(display_path(root, &root.join("system.slice/x.service")), "/system.slice/x.service");
-        assert_eq!(systemd_unit("/system.slice/nginx.service"), Some("nginx.service"));
-        assert_eq!(systemd_unit("/user.slice/user-0.slice/session-1.scope/x"), Some("session-1.scope"));
+        assert_eq!(
+            display_path(root, &root.join("system.slice/x.service")),
+            "/system.slice/x.service"
+        );
+        assert_eq!(
+            systemd_unit("/system.slice/nginx.service"),
+            Some("nginx.service")
+        );
+        assert_eq!(
+            systemd_unit("/user.slice/user-0.slice/session-1.scope/x"),
+            Some("session-1.scope")
+        );
         assert_eq!(systemd_unit("/kubepods/pod1/abc"), None);
     }
 }

@@ -69,8 +69,17 @@ pub struct Workload {
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Target {
-    Net { ip: String, port: u16, protocol: &'static str },
-    Path { path: String, access: &'static str, dev: u32, ino: u64 },
+    Net {
+        ip: String,
+        port: u16,
+        protocol: &'static str,
+    },
+    Path {
+        path: String,
+        access: &'static str,
+        dev: u32,
+        ino: u64,
+    },
 }
 
 /// Where decision lines go.
@@ -81,12 +90,17 @@ pub enum Sink {
 
 impl Sink {
     pub fn open(path: Option<PathBuf>) -> Result<Self, EventsError> {
-        let Some(path) = path else { return Ok(Self::Stdout) };
+        let Some(path) = path else {
+            return Ok(Self::Stdout);
+        };
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| EventsError::Write { path: path.display().to_string(), source })?;
+            .map_err(|source| EventsError::Write {
+                path: path.display().to_string(),
+                source,
+            })?;
         Ok(Self::File { path, file })
     }
 
@@ -94,7 +108,10 @@ impl Sink {
         let (res, path) = match self {
             Self::Stdout => {
                 let mut out = std::io::stdout().lock();
-                (writeln!(out, "{line}").and_then(|()| out.flush()), "stdout".to_owned())
+                (
+                    writeln!(out, "{line}").and_then(|()| out.flush()),
+                    "stdout".to_owned(),
+                )
             }
             Self::File { path, file } => (writeln!(file, "{line}"), path.display().to_string()),
         };
@@ -158,7 +175,11 @@ fn verdict_name(verdict: u8) -> &'static str {
 }
 
 fn access_name(access: u32) -> &'static str {
-    match (access & ACCESS_READ != 0, access & ACCESS_WRITE != 0, access & ACCESS_EXEC != 0) {
+    match (
+        access & ACCESS_READ != 0,
+        access & ACCESS_WRITE != 0,
+        access & ACCESS_EXEC != 0,
+    ) {
         (_, _, true) => "exec",
         (true, true, _) => "read_write",
         (false, true, _) => "write",
@@ -187,7 +208,11 @@ fn target_path(ev: &Event, names: &Compiled) -> String {
         .map(|pat| pat.trim_end_matches("/**").to_owned());
     match dir {
         Some(dir) => {
-            let below: Vec<&str> = collected[..depth].iter().rev().map(String::as_str).collect();
+            let below: Vec<&str> = collected[..depth]
+                .iter()
+                .rev()
+                .map(String::as_str)
+                .collect();
             format!("{dir}/{}", below.join("/"))
         }
         None if ev.action == ACTION_EXEC && !cstr(&ev.names[EVENT_NAMES - 1]).is_empty() => {
@@ -209,9 +234,17 @@ pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
     let rule = if ev.rule_id == RULE_ID_DEFAULT {
         "default".to_owned()
     } else {
-        names.rules.get(ev.rule_id as usize).map(|r| r.rule.clone()).unwrap_or_default()
+        names
+            .rules
+            .get(ev.rule_id as usize)
+            .map(|r| r.rule.clone())
+            .unwrap_or_default()
     };
-    let cgroup = names.cgroup_paths.get(&ev.cgroup_id).cloned().unwrap_or_default();
+    let cgroup = names
+        .cgroup_paths
+        .get(&ev.cgroup_id)
+        .cloned()
+        .unwrap_or_default();
     let target = if ev.action == ACTION_CONNECT {
         let v6 = Ipv6Addr::from(ev.addr);
         let ip = match v6.to_ipv4_mapped() {
@@ -223,7 +256,11 @@ pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
             17 => "udp",
             _ => "other",
         };
-        Target::Net { ip: ip.to_string(), port: ev.port, protocol }
+        Target::Net {
+            ip: ip.to_string(),
+            port: ev.port,
+            protocol,
+        }
     } else {
         Target::Path {
             path: target_path(ev, names),
@@ -236,7 +273,12 @@ pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
     let exe = std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
         .ok()
         .map(|p| p.display().to_string())
-        .or_else(|| names.inode_paths.get(&(ev.exe_dev, ev.exe_ino)).map(|p| p.display().to_string()))
+        .or_else(|| {
+            names
+                .inode_paths
+                .get(&(ev.exe_dev, ev.exe_ino))
+                .map(|p| p.display().to_string())
+        })
         .unwrap_or_else(|| comm.clone());
     Decision {
         time: rfc3339(boot_epoch_ns + i128::from(ev.ts_ns)),
@@ -297,8 +339,8 @@ pub async fn run(
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             match ev.kind {
                 EVENT_DECISION => {
-                    let line = serde_json::to_string(&decode(&ev, &snapshot, epoch))
-                        .unwrap_or_default();
+                    let line =
+                        serde_json::to_string(&decode(&ev, &snapshot, epoch)).unwrap_or_default();
                     match sink.write_line(&line) {
                         Ok(()) => stats.logged.fetch_add(1, Relaxed),
                         Err(e) => {
@@ -326,8 +368,14 @@ mod tests {
     #[test]
     fn formats_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339(1_795_000_000_123_456_789), "2026-11-18T11:06:40.123456Z");
-        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(1_795_000_000_123_456_789),
+            "2026-11-18T11:06:40.123456Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
     }
 
     #[test]

@@ -174,14 +174,26 @@ impl Metrics {
             "Decision lines that could not be written",
             m.decision_write_errors.clone(),
         );
-        registry.register("policy_reloads", "Policy loads by result", m.reloads.clone());
+        registry.register(
+            "policy_reloads",
+            "Policy loads by result",
+            m.reloads.clone(),
+        );
         registry.register(
             "policy_last_reload_success_timestamp_seconds",
             "Unix time of the last successful policy load",
             m.last_reload_success.clone(),
         );
-        registry.register("map_entries", "Entries in each policy map", m.map_entries.clone());
-        registry.register("map_capacity", "Capacity of each policy map", m.map_capacity.clone());
+        registry.register(
+            "map_entries",
+            "Entries in each policy map",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity",
+            "Capacity of each policy map",
+            m.map_capacity.clone(),
+        );
         registry.register("policies", "Policies in force", m.policies.clone());
         registry.register(
             "cgroups_classified",
@@ -208,7 +220,12 @@ impl Metrics {
 
     pub fn set_backends(&self, b: &Backends) {
         for (hook, backend) in [("connect", b.connect), ("exec", b.exec), ("open", b.open)] {
-            self.backend.get_or_create(&BackendLabels { hook, backend: backend.as_str() }).set(1);
+            self.backend
+                .get_or_create(&BackendLabels {
+                    hook,
+                    backend: backend.as_str(),
+                })
+                .set(1);
         }
     }
 
@@ -223,27 +240,42 @@ impl Metrics {
             d
         };
         let c = |i: u32| sum(&k.counters, i);
-        self.lost_events.inc_by(grow(COUNTER_LOST_EVENTS as usize, c(COUNTER_LOST_EVENTS)));
-        self.unclassified.inc_by(grow(COUNTER_UNCLASSIFIED as usize, c(COUNTER_UNCLASSIFIED)));
-        self.mkdir_lost.inc_by(grow(COUNTER_MKDIR_LOST as usize, c(COUNTER_MKDIR_LOST)));
-        for (hook, idx) in
-            [("connect", COUNTER_ERR_CONNECT), ("exec", COUNTER_ERR_EXEC), ("open", COUNTER_ERR_OPEN)]
-        {
-            self.kernel_errors.get_or_create(&HookLabels { hook }).inc_by(grow(idx as usize, c(idx)));
+        self.lost_events
+            .inc_by(grow(COUNTER_LOST_EVENTS as usize, c(COUNTER_LOST_EVENTS)));
+        self.unclassified
+            .inc_by(grow(COUNTER_UNCLASSIFIED as usize, c(COUNTER_UNCLASSIFIED)));
+        self.mkdir_lost
+            .inc_by(grow(COUNTER_MKDIR_LOST as usize, c(COUNTER_MKDIR_LOST)));
+        for (hook, idx) in [
+            ("connect", COUNTER_ERR_CONNECT),
+            ("exec", COUNTER_ERR_EXEC),
+            ("open", COUNTER_ERR_OPEN),
+        ] {
+            self.kernel_errors
+                .get_or_create(&HookLabels { hook })
+                .inc_by(grow(idx as usize, c(idx)));
         }
         for (a, action) in ACTION_NAMES.iter().enumerate() {
             for (v, verdict) in VERDICT_NAMES.iter().enumerate() {
                 let idx = a as u32 * VERDICTS + v as u32;
                 let d = grow((COUNTERS + idx) as usize, sum(&k.decisions, idx));
-                self.decisions.get_or_create(&DecisionLabels { action, verdict }).inc_by(d);
+                self.decisions
+                    .get_or_create(&DecisionLabels { action, verdict })
+                    .inc_by(d);
             }
         }
         drop(last);
-        if let Some(r) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(r) = self
+            .reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             let mut lr = self.last_reader.lock().unwrap_or_else(|e| e.into_inner());
             let (logged, errors) = (r.logged.load(Relaxed), r.write_errors.load(Relaxed));
             self.decisions_logged.inc_by(logged.saturating_sub(lr[0]));
-            self.decision_write_errors.inc_by(errors.saturating_sub(lr[1]));
+            self.decision_write_errors
+                .inc_by(errors.saturating_sub(lr[1]));
             *lr = [logged.max(lr[0]), errors.max(lr[1])];
         }
     }
@@ -257,8 +289,12 @@ impl Metrics {
     }
 
     pub fn set_map(&self, map: &'static str, entries: usize, capacity: u32) {
-        self.map_entries.get_or_create(&MapLabels { map }).set(entries as i64);
-        self.map_capacity.get_or_create(&MapLabels { map }).set(i64::from(capacity));
+        self.map_entries
+            .get_or_create(&MapLabels { map })
+            .set(entries as i64);
+        self.map_capacity
+            .get_or_create(&MapLabels { map })
+            .set(i64::from(capacity));
     }
 
     pub fn reload(&self, ok: bool) {
@@ -277,7 +313,9 @@ impl Metrics {
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
@@ -301,8 +339,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     metrics.render(),
                 ),
                 "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                "/readyz" if metrics.ready.load(Relaxed) => ("200 OK", "text/plain", "ready\n".into()),
-                "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".into()),
+                "/readyz" if metrics.ready.load(Relaxed) => {
+                    ("200 OK", "text/plain", "ready\n".into())
+                }
+                "/readyz" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready\n".into(),
+                ),
                 _ => ("404 Not Found", "text/plain", "not found\n".into()),
             };
             let resp = format!(
@@ -316,5 +360,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 
 /// Binds the endpoint (before any task starts, so a bad address fails start).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
-    TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
 }

@@ -12,8 +12,16 @@ fn agent() -> Command {
 fn validate_accepts_the_bundled_policies() {
     let root = format!("{}/..", env!("CARGO_MANIFEST_DIR"));
     for path in ["policies", "policies/examples"] {
-        let out = agent().arg("validate").arg(format!("{root}/{path}")).output().unwrap();
-        assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = agent()
+            .arg("validate")
+            .arg(format!("{root}/{path}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -30,8 +38,17 @@ fn validate_names_file_line_column_and_field_of_every_error() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let f = file.display();
-    assert!(stderr.contains(&format!("{f}:11:")), "cidr error names line 11:\n{stderr}");
-    assert!(stderr.contains("spec.network.egress.allow[0].cidr"), "{stderr}");
-    assert!(stderr.contains(&format!("{f}:12:")), "unknown field names line 12:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("{f}:11:")),
+        "cidr error names line 11:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.network.egress.allow[0].cidr"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{f}:12:")),
+        "unknown field names line 12:\n{stderr}"
+    );
     assert!(stderr.contains("colour"), "{stderr}");
 }

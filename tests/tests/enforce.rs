@@ -8,7 +8,10 @@ use portcullis_tests::{
 };
 
 fn egress_policy(cg: &Cgroup, mode: &str, body: &str) -> String {
-    format!("{}  network:\n    egress:\n{body}", policy_header("egress", mode, &cg.path))
+    format!(
+        "{}  network:\n    egress:\n{body}",
+        policy_header("egress", mode, &cg.path)
+    )
 }
 
 #[test]
@@ -21,21 +24,38 @@ fn connect_deny_rule_blocks_only_the_selected_cgroup_until_removed() {
     let deny = egress_policy(
         &cg,
         "enforce",
-        &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"], protocol: tcp }}\n"),
+        &format!(
+            "      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"], protocol: tcp }}\n"
+        ),
     );
     let mut agent = Agent::start(&deny);
 
-    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
-    assert_eq!(probe(&other, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    assert_eq!(
+        probe(&other, &["connect", "127.0.0.1", &port]),
+        Outcome::Ok(0)
+    );
     // IPv4-mapped IPv6 reaches the same rule through connect6.
-    assert_eq!(probe(&cg, &["connect", "::ffff:127.0.0.1", &port]), Outcome::Errno(EPERM));
+    assert_eq!(
+        probe(&cg, &["connect", "::ffff:127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
 
     let d = agent.wait_decision("connect deny line", |d| {
         d["action"] == "connect" && d["workload"]["cgroup"] == cg.path.as_str()
     });
     assert_eq!(d["verdict"], "deny");
     assert_eq!(d["policy"], "egress");
-    assert!(d["rule"].as_str().unwrap().starts_with("network.egress.deny[0] 127.0.0.1/32"), "{d}");
+    assert!(
+        d["rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("network.egress.deny[0] 127.0.0.1/32"),
+        "{d}"
+    );
     assert_eq!(d["target"]["ip"], "127.0.0.1");
     assert_eq!(d["target"]["port"], listener.port);
     assert_eq!(d["target"]["protocol"], "tcp");
@@ -65,13 +85,19 @@ fn default_deny_egress_allows_listed_ports_and_blocks_udp_sendto() {
         ),
     );
     let mut agent = Agent::start(&policy);
-    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &open.port.to_string()]), Outcome::Ok(0));
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &open.port.to_string()]),
+        Outcome::Ok(0)
+    );
     assert_eq!(
         probe(&cg, &["connect", "127.0.0.1", &closed.port.to_string()]),
         Outcome::Errno(EPERM)
     );
     // Unconnected UDP goes through sendmsg4: no bypass.
-    assert_eq!(probe(&cg, &["sendto", "127.0.0.1", "9"]), Outcome::Errno(EPERM));
+    assert_eq!(
+        probe(&cg, &["sendto", "127.0.0.1", "9"]),
+        Outcome::Errno(EPERM)
+    );
     let d = agent.wait_decision("default deny line", |d| d["target"]["protocol"] == "udp");
     assert_eq!(d["rule"], "default");
 
@@ -93,8 +119,14 @@ fn audit_mode_blocks_nothing_and_logs_would_deny() {
         tmp.0.display()
     );
     let mut agent = Agent::start(&policy);
-    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &l.port.to_string()]), Outcome::Ok(0));
-    assert_eq!(probe(&cg, &["read", &tmp.str("secret/key")]), Outcome::Ok(7));
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &l.port.to_string()]),
+        Outcome::Ok(0)
+    );
+    assert_eq!(
+        probe(&cg, &["read", &tmp.str("secret/key")]),
+        Outcome::Ok(7)
+    );
     let c = agent.wait_decision("audit connect", |d| d["action"] == "connect");
     assert_eq!(c["verdict"], "audit");
     let o = agent.wait_decision("audit open", |d| d["action"] == "open");
@@ -118,9 +150,16 @@ fn exec_default_deny_kills_unlisted_binaries_and_allows_listed_ones() {
     );
     let mut agent = Agent::start(&policy);
     let denied = agent.denied("exec");
-    assert_eq!(probe(&cg, &["exec", &tmp.str("bin/allowed")]), Outcome::Exited(0));
+    assert_eq!(
+        probe(&cg, &["exec", &tmp.str("bin/allowed")]),
+        Outcome::Exited(0)
+    );
     assert_eq!(probe(&cg, &["exec", &tmp.str("bin/denied")]), denied);
-    assert_eq!(probe(&cg, &["exec", &tmp.str("alias")]), denied, "symlink bypass");
+    assert_eq!(
+        probe(&cg, &["exec", &tmp.str("alias")]),
+        denied,
+        "symlink bypass"
+    );
     let d = agent.wait_decision("exec deny line", |d| d["action"] == "exec");
     assert_eq!(d["verdict"], "deny");
     assert_eq!(d["rule"], "default");
@@ -132,11 +171,17 @@ fn exec_default_deny_kills_unlisted_binaries_and_allows_listed_ones() {
         tmp.0.display()
     );
     assert!(agent.reload(&allow_both));
-    assert_eq!(probe(&cg, &["exec", &tmp.str("bin/denied")]), Outcome::Exited(0));
+    assert_eq!(
+        probe(&cg, &["exec", &tmp.str("bin/denied")]),
+        Outcome::Exited(0)
+    );
 }
 
 fn files_policy(cg: &Cgroup, rules: &str) -> String {
-    format!("{}  files:\n{rules}", policy_header("datasets", "enforce", &cg.path))
+    format!(
+        "{}  files:\n{rules}",
+        policy_header("datasets", "enforce", &cg.path)
+    )
 }
 
 #[test]
@@ -166,7 +211,10 @@ fn denied_file_stays_denied_through_every_path_to_it() {
 
     let cg = Cgroup::create("files");
     let other = Cgroup::create("files-bystander");
-    let rule = format!("    - {{ path: \"{}/data/pii/**\", access: none }}\n", tmp.0.display());
+    let rule = format!(
+        "    - {{ path: \"{}/data/pii/**\", access: none }}\n",
+        tmp.0.display()
+    );
     let mut agent = Agent::start(&files_policy(&cg, &rule));
     let denied = agent.denied("open");
 
@@ -174,23 +222,45 @@ fn denied_file_stays_denied_through_every_path_to_it() {
     let via_proc_root = format!("/proc/self/root{direct}");
     let via_dotdot = format!("{}/data/public/../pii/sub/rows.csv", tmp.0.display());
     std::fs::create_dir_all(tmp.path("data/public")).unwrap();
-    for path in [direct.as_str(), &tmp.str("link.csv"), &via_proc_root, &via_dotdot, &tmp.str("mnt/sub/rows.csv")] {
+    for path in [
+        direct.as_str(),
+        &tmp.str("link.csv"),
+        &via_proc_root,
+        &via_dotdot,
+        &tmp.str("mnt/sub/rows.csv"),
+    ] {
         assert_eq!(probe(&cg, &["read", path]), denied, "open {path}");
     }
-    assert_eq!(probe(&cg, &["read-in", &tmp.str("data/pii"), "sub/rows.csv"]), denied, "relative path");
-    assert_eq!(probe(&cg, &["read", &tmp.str("data/public.csv")]), Outcome::Ok(2));
+    assert_eq!(
+        probe(&cg, &["read-in", &tmp.str("data/pii"), "sub/rows.csv"]),
+        denied,
+        "relative path"
+    );
+    assert_eq!(
+        probe(&cg, &["read", &tmp.str("data/public.csv")]),
+        Outcome::Ok(2)
+    );
     assert_eq!(probe(&other, &["read", &direct]), Outcome::Ok(9));
 
     let d = agent.wait_decision("open deny line", |d| d["action"] == "open");
     assert_eq!(d["verdict"], "deny");
     assert_eq!(d["policy"], "datasets");
     assert_eq!(d["target"]["access"], "read");
-    assert!(d["target"]["path"].as_str().unwrap().ends_with("/sub/rows.csv"), "{d}");
+    assert!(
+        d["target"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("/sub/rows.csv"),
+        "{d}"
+    );
 
     // Removing the rule (the policy now protects an unrelated directory)
     // restores access.
     std::fs::create_dir_all(tmp.path("unrelated")).unwrap();
-    let other_rule = format!("    - {{ path: \"{}/unrelated/**\", access: none }}\n", tmp.0.display());
+    let other_rule = format!(
+        "    - {{ path: \"{}/unrelated/**\", access: none }}\n",
+        tmp.0.display()
+    );
     assert!(agent.reload(&files_policy(&cg, &other_rule)));
     assert_eq!(probe(&cg, &["read", &direct]), Outcome::Ok(9));
 }
@@ -203,13 +273,22 @@ fn read_only_and_only_from_rules() {
     std::fs::write(tmp.path("secrets/token"), b"t0ken").unwrap();
     let cg = Cgroup::create("onlyfrom");
     let probe_exe = std::fs::canonicalize(std::env::var("PORTCULLIS_PROBE").unwrap_or_else(|_| {
-        format!("{}/../target/debug/portcullis-probe", env!("CARGO_MANIFEST_DIR"))
+        format!(
+            "{}/../target/debug/portcullis-probe",
+            env!("CARGO_MANIFEST_DIR")
+        )
     }))
     .unwrap();
-    let read_only = format!("    - {{ path: \"{}/secrets/**\", access: read }}\n", tmp.0.display());
+    let read_only = format!(
+        "    - {{ path: \"{}/secrets/**\", access: read }}\n",
+        tmp.0.display()
+    );
     let mut agent = Agent::start(&files_policy(&cg, &read_only));
     let denied = agent.denied("open");
-    assert_eq!(probe(&cg, &["read", &tmp.str("secrets/token")]), Outcome::Ok(5));
+    assert_eq!(
+        probe(&cg, &["read", &tmp.str("secrets/token")]),
+        Outcome::Ok(5)
+    );
     assert_eq!(probe(&cg, &["write", &tmp.str("secrets/token")]), denied);
 
     let only_true = format!(
@@ -217,7 +296,11 @@ fn read_only_and_only_from_rules() {
         tmp.0.display()
     );
     assert!(agent.reload(&files_policy(&cg, &only_true)));
-    assert_eq!(probe(&cg, &["read", &tmp.str("secrets/token")]), denied, "not from an onlyFrom binary");
+    assert_eq!(
+        probe(&cg, &["read", &tmp.str("secrets/token")]),
+        denied,
+        "not from an onlyFrom binary"
+    );
 
     let only_probe = format!(
         "    - {{ path: \"{}/secrets/**\", access: read, onlyFrom: [\"{}\"] }}\n",
@@ -225,7 +308,10 @@ fn read_only_and_only_from_rules() {
         probe_exe.display()
     );
     assert!(agent.reload(&files_policy(&cg, &only_probe)));
-    assert_eq!(probe(&cg, &["read", &tmp.str("secrets/token")]), Outcome::Ok(5));
+    assert_eq!(
+        probe(&cg, &["read", &tmp.str("secrets/token")]),
+        Outcome::Ok(5)
+    );
 }
 
 #[test]
@@ -244,14 +330,22 @@ fn new_cgroups_are_governed_child_inherits_at_once_and_new_top_level_is_classifi
     // A child created after start inherits its parent's identity in the
     // kernel from its first syscall: no window.
     let child = parent.child("child");
-    assert_eq!(probe(&child, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    assert_eq!(
+        probe(&child, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
     // A new top-level cgroup is classified from the cgroup_mkdir event.
     let late = Cgroup::create_named(&late_name);
     let started = std::time::Instant::now();
-    agent.wait_until("new cgroup classified", std::time::Duration::from_secs(2), |_| {
-        probe(&late, &["connect", "127.0.0.1", &port]) == Outcome::Errno(EPERM)
-    });
-    eprintln!("new top-level cgroup governed after {:?}", started.elapsed());
+    agent.wait_until(
+        "new cgroup classified",
+        std::time::Duration::from_secs(2),
+        |_| probe(&late, &["connect", "127.0.0.1", &port]) == Outcome::Errno(EPERM),
+    );
+    eprintln!(
+        "new top-level cgroup governed after {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -261,9 +355,22 @@ fn a_bad_policy_is_rejected_and_the_enforced_one_stays() {
     let port = l.port.to_string();
     let cg = Cgroup::create("bad-reload");
     let mut agent = Agent::start(&egress_policy(&cg, "enforce", "      default: deny\n"));
-    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
     let bad = egress_policy(&cg, "enforce", "      default: deny\n      bogus: 1\n");
-    assert!(!agent.reload(&bad), "a policy with an unknown field must be rejected");
-    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
-    assert!(agent.log().contains("bogus"), "the log names the bad field:\n{}", agent.log());
+    assert!(
+        !agent.reload(&bad),
+        "a policy with an unknown field must be rejected"
+    );
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    assert!(
+        agent.log().contains("bogus"),
+        "the log names the bad field:\n{}",
+        agent.log()
+    );
 }
