@@ -37,10 +37,14 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// `PerCpuArray<u64>`: decisions, indexed by [`decision_index`].
 pub const MAP_DECISIONS: &str = "DECISIONS";
+/// `PerCpuArray<u64>`: deny and audit decisions per deciding policy, indexed
+/// by [`policy_decision_index`] (the policy's agent-wide slot comes from
+/// `IdentityConfig::policy_slots`).
+pub const MAP_POLICY_DECISIONS: &str = "POLICY_DECISIONS";
 
 /// Maps the agent pins under `<pin dir>/maps-v<PIN_LAYOUT>/` so a restarted
 /// agent adopts the policy in force instead of starting from empty maps.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_IDENTITIES,
     MAP_IDENTITY_CFG,
     MAP_NET_RULES,
@@ -50,11 +54,12 @@ pub const PINNED_MAPS: [&str; 9] = [
     MAP_EVENTS,
     MAP_COUNTERS,
     MAP_DECISIONS,
+    MAP_POLICY_DECISIONS,
 ];
 /// Layout version of the pinned maps: bump it whenever a key or value type
 /// above changes, so an agent never adopts maps of another layout (aya reuses
 /// a pinned map by name without comparing its definition).
-pub const PIN_LAYOUT: u32 = 1;
+pub const PIN_LAYOUT: u32 = 2;
 
 /// Read-only global (`KernelOffsets`) the agent fills from the running
 /// kernel's BTF with `EbpfLoader::override_global` before load.
@@ -108,6 +113,15 @@ pub const fn decision_index(action: u8, verdict: u8) -> u32 {
     action as u32 * VERDICTS + verdict as u32
 }
 pub const DECISION_SLOTS: u32 = ACTIONS * VERDICTS;
+/// Agent-wide policy slots for per-policy counters; the last one collects
+/// policies beyond it.
+pub const POLICY_SLOTS: u32 = 256;
+pub const POLICY_SLOT_OTHER: u8 = (POLICY_SLOTS - 1) as u8;
+/// Index into [`MAP_POLICY_DECISIONS`].
+pub const fn policy_decision_index(slot: u8, action: u8, verdict: u8) -> u32 {
+    slot as u32 * DECISION_SLOTS + decision_index(action, verdict)
+}
+pub const POLICY_DECISION_SLOTS: u32 = POLICY_SLOTS * DECISION_SLOTS;
 
 pub const BACKEND_NONE: u8 = 0;
 /// cgroup `connect4/6` + `sendmsg4/6`: the syscall returns EPERM.
@@ -173,6 +187,8 @@ pub struct IdentityConfig {
     /// `HAS_*` bits: lets hooks skip map lookups for actions no policy names.
     pub flags: u32,
     pub _pad: u32,
+    /// Agent-wide counter slot of the identity's `i`-th policy.
+    pub policy_slots: [u8; MAX_POLICIES_PER_IDENTITY as usize],
 }
 pub const HAS_EXEC: u32 = 1;
 pub const HAS_NET: u32 = 2;
@@ -334,7 +350,7 @@ pub struct Event {
     pub names: [[u8; EVENT_NAME_LEN]; EVENT_NAMES],
 }
 
-const _: () = assert!(size_of::<IdentityConfig>() == 24);
+const _: () = assert!(size_of::<IdentityConfig>() == 24 + MAX_POLICIES_PER_IDENTITY as usize);
 const _: () = assert!(size_of::<NetRule>() == 16);
 const _: () = assert!(size_of::<NetRuleSet>() == 8 + 16 * NET_RULES_PER_PREFIX);
 const _: () = assert!(size_of::<InodeKey>() == 16);

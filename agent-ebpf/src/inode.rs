@@ -13,7 +13,7 @@ use portcullis_common::{
 use crate::{
     decision::{Decision, Hit, Matches, fill_common, fill_decision, reserve_decision},
     kernel::{dentry_id, offsets, read_ptr},
-    maps::{EXEC_RULES, FILE_RULES, ONLY_FROM, count_decision},
+    maps::{EXEC_RULES, FILE_RULES, ONLY_FROM, count_decision, count_policy_decision},
 };
 
 /// Who is asking and for what.
@@ -107,9 +107,17 @@ pub fn decide(
 /// parent. Returns 1 to stop. The walk stops at the filesystem root (whose
 /// d_parent is itself); it does not cross mount points.
 #[inline(never)]
-extern "C" fn walk_level(_i: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn walk_level(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the caller's `Walk`.
     let w = unsafe { &mut *(ctx as *mut Walk) };
+    // Every earlier level stepped up exactly once, so the level is the loop
+    // index. Taking it from the index (unknown to the verifier) rather than
+    // only from the count kept in `w` matters on kernels before 6.7: their
+    // verifier checks a bpf_loop callback as if it ran once, sees `depth`
+    // as the constant 0, and rewrites `depth > 0 && !SUBTREE` in
+    // `inode_rule` into "never", so a plain directory rule governed every
+    // file below it (seen on Debian's 6.1).
+    w.depth = i as u32;
     let Some(o) = offsets() else {
         w.err = -1;
         return 1;
@@ -144,7 +152,6 @@ extern "C" fn walk_level(_i: u64, ctx: *mut c_void) -> i64 {
             w.dentry = parent;
             w.dev = dev;
             w.ino = ino;
-            w.depth += 1;
             0
         }
         Err(e) => {
@@ -227,6 +234,7 @@ pub fn report(
 ) {
     let d = &out.decision;
     count_decision(action, d.verdict);
+    count_policy_decision(req.identity, action, d.verdict, d.hit.policy_bit);
     if !d.emits() {
         return;
     }

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     COUNTERS as COUNTER_SLOTS, DECISION_SLOTS, IdentityConfig, InodeKey, InodeRuleSet,
-    NET_KEY_DATA_LEN, NetRuleSet, decision_index,
+    NET_KEY_DATA_LEN, NetRuleSet, POLICY_DECISION_SLOTS, VERDICT_ALLOW, decision_index,
+    policy_decision_index,
 };
 
 /// cgroup v2 id (inode of the cgroup directory) → workload identity.
@@ -52,6 +53,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 #[map]
 pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_SLOTS, 0);
 
+/// Deny/audit decisions by (deciding policy's slot, action, verdict).
+#[map]
+pub static POLICY_DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(POLICY_DECISION_SLOTS, 0);
+
 /// Adds one to counter `index` (`COUNTER_*`).
 #[inline(always)]
 pub fn count(index: u32) {
@@ -67,5 +72,22 @@ pub fn count_decision(action: u8, verdict: u8) {
     if let Some(slot) = DECISIONS.get_ptr_mut(decision_index(action, verdict)) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Adds one to the per-policy counter of a deny or audit decision of
+/// `identity` whose deciding policy is the identity's `policy_bit`-th.
+/// Allows are not attributed (several policies may have agreed).
+#[inline(always)]
+pub fn count_policy_decision(identity: u32, action: u8, verdict: u8, policy_bit: u8) {
+    if verdict == VERDICT_ALLOW {
+        return;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(cfg) = (unsafe { IDENTITY_CFG.get(&identity) }) else { return };
+    let slot = cfg.policy_slots[(policy_bit & 31) as usize];
+    if let Some(p) = POLICY_DECISIONS.get_ptr_mut(policy_decision_index(slot, action, verdict)) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
     }
 }

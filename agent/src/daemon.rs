@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::maps::{PerCpuArray, RingBuf};
-use portcullis_common::{MAP_COUNTERS, MAP_DECISIONS, MAP_EVENTS};
+use portcullis_common::{MAP_COUNTERS, MAP_DECISIONS, MAP_EVENTS, MAP_POLICY_DECISIONS};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -217,6 +217,7 @@ impl State {
         self.pods.annotate_blocking(&mut cgroups);
         self.generation += 1;
         let result = compile::compile(&policies, &cgroups, self.numbering())
+            .map(|c| self.metrics.with_policy_slots(c))
             .map_err(DaemonError::from)
             .and_then(|new| {
                 self.maps.apply(Some(&self.compiled), &new)?;
@@ -277,6 +278,7 @@ impl State {
         } else {
             let id = self.next_identity;
             if let Err(e) = compile::add_identity(&mut compiled, &self.policies, &set, id)
+                .map(|()| compiled = self.metrics.with_policy_slots(std::mem::take(&mut compiled)))
                 .map_err(DaemonError::from)
                 .and_then(|()| Ok(self.maps.add_identities(&self.compiled, &compiled)?))
             {
@@ -365,6 +367,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 name: MAP_DECISIONS,
             }
         })?,
+        policy_decisions: PerCpuArray::try_from(take(&mut kernel.ebpf, MAP_POLICY_DECISIONS)?)
+            .map_err(|_| DaemonError::Map { name: MAP_POLICY_DECISIONS })?,
     };
     let stats = Arc::new(ReaderStats::default());
     metrics.set_kernel(counters, Arc::clone(&stats));
@@ -406,7 +410,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // The first load must succeed: there is nothing in force to fall back to.
     let mut cgroups = identity::scan(&root);
     state.pods.annotate_blocking(&mut cgroups);
-    let first = compile::compile(&policies, &cgroups, state.numbering())?;
+    let first = metrics.with_policy_slots(compile::compile(&policies, &cgroups, state.numbering())?);
     state.maps.apply(adopted.as_ref(), &first)?;
     if let Some(old) = adopted {
         state.schedule_retire(Arc::new(old));

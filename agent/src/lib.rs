@@ -11,5 +11,6 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod pin;
+pub mod slots;
 pub mod pod;
 pub mod policy;

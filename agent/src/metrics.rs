@@ -3,11 +3,14 @@
 //!
 //! Kernel-side counters live in per-CPU arrays; they are summed at scrape
 //! time and the difference since the last scrape is added to the exported
-//! counters, so the exported values are monotonic like any counter. Label
-//! sets are bounded: action × verdict, hook, map, result — no pid, path or
-//! pod labels.
+//! counters, so the exported values are monotonic like any counter. What
+//! the maps held when the agent started (pinned maps outlive it) is the
+//! baseline, not growth. Label sets are bounded: action × verdict × policy
+//! (at most `POLICY_SLOTS` policies, see `slots.rs`), hook, map, result — no
+//! pid, path or pod labels.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -19,6 +22,7 @@ use aya::maps::{MapData, PerCpuArray};
 use portcullis_common::{
     ACTIONS, COUNTER_ERR_CONNECT, COUNTER_ERR_EXEC, COUNTER_ERR_OPEN, COUNTER_LOST_EVENTS,
     COUNTER_MKDIR_LOST, COUNTER_UNCLASSIFIED, COUNTERS, DECISION_SLOTS, VERDICTS,
+    POLICY_DECISION_SLOTS, policy_decision_index,
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -30,7 +34,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{events::ReaderStats, loader::Backends};
+use crate::{events::ReaderStats, loader::Backends, slots::PolicySlots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -46,6 +50,9 @@ pub enum MetricsError {
 struct DecisionLabels {
     action: &'static str,
     verdict: &'static str,
+    /// Deciding policy of a deny or audit; empty for allows (and for
+    /// decisions of an earlier instance's adopted policy).
+    policy: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +80,7 @@ struct ResultLabels {
 pub struct KernelCounters {
     pub counters: PerCpuArray<MapData, u64>,
     pub decisions: PerCpuArray<MapData, u64>,
+    pub policy_decisions: PerCpuArray<MapData, u64>,
 }
 
 fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
@@ -102,6 +110,11 @@ pub struct Metrics {
     kernel: Mutex<Option<KernelCounters>>,
     /// Last kernel sums, to add only the difference.
     last: Mutex<Vec<u64>>,
+    /// Last per-policy sums, by `policy_decision_index`.
+    last_policy: Mutex<HashMap<u32, u64>>,
+    /// Agent-wide policy slots (the daemon assigns them; labels come from
+    /// here).
+    pub policy_slots: Mutex<PolicySlots>,
     reader: Mutex<Option<Arc<ReaderStats>>>,
     last_reader: Mutex<[u64; 2]>,
     /// Programs attached and a policy in force.
@@ -134,6 +147,8 @@ impl Metrics {
             backend: Family::default(),
             kernel: Mutex::new(None),
             last: Mutex::new(vec![0; (COUNTERS + DECISION_SLOTS) as usize]),
+            last_policy: Mutex::new(HashMap::new()),
+            policy_slots: Mutex::new(PolicySlots::default()),
             reader: Mutex::new(None),
             last_reader: Mutex::new([0; 2]),
             ready: AtomicBool::new(false),
@@ -141,7 +156,7 @@ impl Metrics {
         };
         registry.register(
             "decisions",
-            "Decisions made in the kernel, allows included (per-CPU counters)",
+            "Decisions made in the kernel by action, verdict and deciding policy, allows included (per-CPU counters)",
             m.decisions.clone(),
         );
         registry.register(
@@ -214,6 +229,24 @@ impl Metrics {
     }
 
     pub fn set_kernel(&self, kernel: KernelCounters, reader: Arc<ReaderStats>) {
+        // Pinned counters may already hold an earlier instance's counts:
+        // they are the baseline.
+        {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..COUNTERS {
+                last[i as usize] = sum(&kernel.counters, i);
+            }
+            for i in 0..DECISION_SLOTS {
+                last[(COUNTERS + i) as usize] = sum(&kernel.decisions, i);
+            }
+            let mut last_policy = self.last_policy.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..POLICY_DECISION_SLOTS {
+                let now = sum(&kernel.policy_decisions, i);
+                if now > 0 {
+                    last_policy.insert(i, now);
+                }
+            }
+        }
         *self.kernel.lock().unwrap_or_else(|e| e.into_inner()) = Some(kernel);
         *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(reader);
     }
@@ -255,15 +288,32 @@ impl Metrics {
                 .get_or_create(&HookLabels { hook })
                 .inc_by(grow(idx as usize, c(idx)));
         }
+        let labels = self.policy_slots.lock().unwrap_or_else(|e| e.into_inner()).labels();
+        let mut last_policy = self.last_policy.lock().unwrap_or_else(|e| e.into_inner());
         for (a, action) in ACTION_NAMES.iter().enumerate() {
             for (v, verdict) in VERDICT_NAMES.iter().enumerate() {
                 let idx = a as u32 * VERDICTS + v as u32;
-                let d = grow((COUNTERS + idx) as usize, sum(&k.decisions, idx));
+                let total = grow((COUNTERS + idx) as usize, sum(&k.decisions, idx));
+                let mut attributed = 0;
+                for (slot, name) in &labels {
+                    let pidx = policy_decision_index(*slot, a as u8, v as u8);
+                    let now = sum(&k.policy_decisions, pidx);
+                    let prev = last_policy.entry(pidx).or_insert(0);
+                    let d = now.saturating_sub(*prev);
+                    *prev = (*prev).max(now);
+                    if d > 0 {
+                        attributed += d;
+                        self.decisions
+                            .get_or_create(&DecisionLabels { action, verdict, policy: name.clone() })
+                            .inc_by(d);
+                    }
+                }
                 self.decisions
-                    .get_or_create(&DecisionLabels { action, verdict })
-                    .inc_by(d);
+                    .get_or_create(&DecisionLabels { action, verdict, policy: String::new() })
+                    .inc_by(total.saturating_sub(attributed));
             }
         }
+        drop(last_policy);
         drop(last);
         if let Some(r) = self
             .reader
@@ -286,6 +336,12 @@ impl Metrics {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Fills in the per-policy counter slots of a compiled generation.
+    pub fn with_policy_slots(&self, mut c: crate::compile::Compiled) -> crate::compile::Compiled {
+        self.policy_slots.lock().unwrap_or_else(|e| e.into_inner()).fill(&mut c);
+        c
     }
 
     pub fn set_map(&self, map: &'static str, entries: usize, capacity: u32) {

@@ -271,3 +271,40 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
     assert!(opens.load(Ordering::Relaxed) > 10);
     assert_eq!(bad_opens.load(Ordering::Relaxed), 0);
 }
+
+/// Scrapes a running agent: the kernel's per-CPU decision counters move
+/// with real syscalls, per deciding policy for denies, and the health and
+/// map gauges are there.
+#[test]
+fn metrics_move_with_real_syscalls() {
+    require_kernel!();
+    let listener = Listener::new("127.0.0.1");
+    let other = Listener::new("127.0.0.1");
+    let port = listener.port.to_string();
+    let cg = Cgroup::create("metrics");
+    let deny = egress(&cg, &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"));
+    let agent = Agent::start(&deny);
+    assert_eq!(agent.http("/healthz").map(|r| r.0), Some(200));
+    assert_eq!(agent.http("/readyz").map(|r| r.0), Some(200));
+
+    let denied = r#"portcullis_decisions_total{action="connect",verdict="deny",policy="egress"}"#;
+    let allowed = r#"portcullis_decisions_total{action="connect",verdict="allow",policy=""}"#;
+    let (d0, a0) = (agent.metric(denied), agent.metric(allowed));
+    for _ in 0..3 {
+        assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+        assert_eq!(probe(&cg, &["connect", "127.0.0.1", &other.port.to_string()]), Outcome::Ok(0));
+    }
+    assert_eq!(agent.metric(denied) - d0, 3.0);
+    // Every connect on the host counts, so at least ours.
+    assert!(agent.metric(allowed) - a0 >= 3.0);
+    assert!(agent.metric("portcullis_decisions_logged_total") >= 3.0);
+    assert_eq!(agent.metric("portcullis_events_lost_total"), 0.0);
+    assert_eq!(agent.metric("portcullis_policies"), 1.0);
+    assert!(agent.metric(r#"portcullis_map_entries{map="net_rules"}"#) >= 1.0);
+    assert!(agent.metric(r#"portcullis_map_capacity{map="net_rules"}"#) >= 1024.0);
+    assert_eq!(agent.metric(r#"portcullis_backend{hook="connect",backend="cgroup_sock_addr"}"#), 1.0);
+    assert!(agent.metric("portcullis_policy_last_reload_success_timestamp_seconds") > 1.7e9);
+    let (_, body) = agent.http("/metrics").unwrap();
+    assert!(body.contains("portcullis_build_info{version="), "{body}");
+    assert!(body.contains(r#"portcullis_kernel_errors_total{hook="open"} 0"#), "{body}");
+}

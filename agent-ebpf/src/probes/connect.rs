@@ -20,7 +20,7 @@ use portcullis_common::{
 use crate::{
     decision::{Decision, Hit, Matches, allow, fill_common, fill_decision, reserve_decision},
     identity,
-    maps::{NET_RULES, count, count_decision},
+    maps::{NET_RULES, count, count_decision, count_policy_decision},
 };
 
 const ALLOW: i32 = 1;
@@ -161,6 +161,7 @@ extern "C" fn net_rule(i: u64, ctx: *mut c_void) -> i64 {
 #[inline(always)]
 fn report(cgid: u64, id: u32, d: &Decision, addr: &[u8; 16], port: u16, proto: u8, family: u8) {
     count_decision(ACTION_CONNECT, d.verdict);
+    count_policy_decision(id, ACTION_CONNECT, d.verdict, d.hit.policy_bit);
     if !d.emits() {
         return;
     }
