@@ -71,6 +71,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Decision log file; stdout when `None`.
     pub decisions_file: Option<PathBuf>,
+    /// Size-based rotation of `decisions_file`.
+    pub decisions_rotation: events::Rotation,
     /// Use the tracepoint backends even where BPF-LSM works.
     pub force_fallback: bool,
     /// How often policy files are checked for changes.
@@ -233,17 +235,30 @@ impl State {
                 let now: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
                 let added: Vec<&str> = now.iter().filter(|n| !old.contains(n)).copied().collect();
                 let removed: Vec<&str> = old.iter().filter(|n| !now.contains(n)).copied().collect();
+                // Rules as "policy: rule" text, so a changed CIDR or path shows
+                // as one removed and one added.
+                let rule_set = |c: &Compiled| -> std::collections::BTreeSet<String> {
+                    c.rules.iter().skip(1).map(|r| format!("{}: {}", r.policy, r.rule)).collect()
+                };
+                let (rules_old, rules_new) = (rule_set(&self.compiled), rule_set(&new));
+                let rules_added: Vec<&String> = rules_new.difference(&rules_old).collect();
+                let rules_removed: Vec<&String> = rules_old.difference(&rules_new).collect();
                 tracing::info!(
                     reason = why,
                     policies = now.len(),
                     ?added,
                     ?removed,
+                    rules_added = rules_added.len(),
+                    rules_removed = rules_removed.len(),
                     rules_before = self.compiled.rules.len().saturating_sub(1),
                     rules_after = new.rules.len().saturating_sub(1),
                     identities = new.identity_cfg.len(),
                     cgroups = new.cgroups.len(),
                     "policy applied"
                 );
+                // The rules themselves at debug: a 100k-rule reload must not
+                // flood the log at the default level.
+                tracing::debug!(added = ?rules_added, removed = ?rules_removed, "rules changed");
                 self.policies = policies;
                 self.publish(new);
                 self.metrics.reload(true);
@@ -291,7 +306,7 @@ impl State {
             tracing::error!(cgroup = %cg.path, error = %e, "cannot classify new cgroup");
             return;
         }
-        tracing::debug!(cgroup = %cg.path, identity, "classified new cgroup");
+        tracing::debug!(cgroup = %cg.path, identity, pod = ?cg.pod, "classified new cgroup");
         compiled.cgroups.insert(cg.id, identity);
         compiled.cgroup_paths.insert(cg.id, cg.path);
         self.metrics.cgroups_classified.inc();
@@ -437,7 +452,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     metrics.reload(true);
 
     let (mkdir_tx, mut mkdir_rx) = mpsc::unbounded_channel();
-    let sink = Sink::open(cfg.decisions_file.clone())?;
+    let sink = Sink::open(cfg.decisions_file.clone(), cfg.decisions_rotation)?;
     let reader = tokio::spawn(events::run(
         ring,
         Arc::clone(&state.names),

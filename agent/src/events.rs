@@ -7,7 +7,7 @@
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
 };
 
@@ -82,26 +82,63 @@ pub enum Target {
     },
 }
 
+/// Size-based rotation of a decision log file: when a line would take the
+/// file past `max_bytes`, `F` becomes `F.1`, `F.1` becomes `F.2`, ... and
+/// `F.<keep>` is dropped (as logrotate's `size` + `rotate N`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// 0 disables rotation.
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
 /// Where decision lines go.
 pub enum Sink {
     Stdout,
-    File { path: PathBuf, file: std::fs::File },
+    File {
+        path: PathBuf,
+        file: std::fs::File,
+        /// Bytes in the current file.
+        size: u64,
+        rotation: Rotation,
+    },
+}
+
+fn open_append(path: &Path) -> Result<(std::fs::File, u64), EventsError> {
+    let err = |source| EventsError::Write { path: path.display().to_string(), source };
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
+    let size = file.metadata().map_err(err)?.len();
+    Ok((file, size))
+}
+
+/// `path` with `.n` appended.
+fn numbered(path: &Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
 }
 
 impl Sink {
-    pub fn open(path: Option<PathBuf>) -> Result<Self, EventsError> {
+    pub fn open(path: Option<PathBuf>, rotation: Rotation) -> Result<Self, EventsError> {
         let Some(path) = path else {
             return Ok(Self::Stdout);
         };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| EventsError::Write {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Ok(Self::File { path, file })
+        let (file, size) = open_append(&path)?;
+        Ok(Self::File { path, file, size, rotation })
+    }
+
+    /// Shifts the numbered files up one and starts a new, empty file.
+    fn rotate(path: &Path, keep: u32) -> Result<(std::fs::File, u64), EventsError> {
+        if keep == 0 {
+            let _ = std::fs::remove_file(path);
+        } else {
+            for n in (1..keep).rev() {
+                let _ = std::fs::rename(numbered(path, n), numbered(path, n + 1));
+            }
+            std::fs::rename(path, numbered(path, 1))
+                .map_err(|source| EventsError::Write { path: path.display().to_string(), source })?;
+        }
+        open_append(path)
     }
 
     fn write_line(&mut self, line: &str) -> Result<(), EventsError> {
@@ -113,7 +150,17 @@ impl Sink {
                     "stdout".to_owned(),
                 )
             }
-            Self::File { path, file } => (writeln!(file, "{line}"), path.display().to_string()),
+            Self::File { path, file, size, rotation } => {
+                let len = line.len() as u64 + 1;
+                if rotation.max_bytes > 0 && *size > 0 && *size + len > rotation.max_bytes {
+                    (*file, *size) = Self::rotate(path, rotation.keep)?;
+                }
+                let res = writeln!(file, "{line}");
+                if res.is_ok() {
+                    *size += len;
+                }
+                (res, path.display().to_string())
+            }
         };
         res.map_err(|source| EventsError::Write { path, source })
     }
@@ -350,7 +397,8 @@ pub async fn run(
                     };
                 }
                 EVENT_CGROUP_MKDIR => {
-                    let _ = mkdir_tx.send(cstr(&ev.names[0]));
+                    // The kernel side fills all of `names` with the path.
+                    let _ = mkdir_tx.send(cstr(ev.names.as_flattened()));
                 }
                 _ => {
                     stats.malformed.fetch_add(1, Relaxed);
@@ -364,6 +412,30 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decision_file_rotates_by_size_and_keeps_n() {
+        let dir = std::env::temp_dir().join(format!("portcullis-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("decisions.jsonl");
+        let mut sink = Sink::open(Some(path.clone()), Rotation { max_bytes: 25, keep: 2 }).unwrap();
+        // 10-byte lines (9 + newline): two fit in 25 bytes, the third rotates.
+        for i in 0..7 {
+            sink.write_line(&format!("line-{i:04}")).unwrap();
+        }
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        assert_eq!(read(path.clone()), "line-0006\n");
+        assert_eq!(read(numbered(&path, 1)), "line-0004\nline-0005\n");
+        assert_eq!(read(numbered(&path, 2)), "line-0002\nline-0003\n");
+        assert!(!numbered(&path, 3).exists(), "only `keep` rotated files");
+        // Reopening appends and counts what is there.
+        drop(sink);
+        let mut sink = Sink::open(Some(path.clone()), Rotation { max_bytes: 25, keep: 2 }).unwrap();
+        sink.write_line("line-0007").unwrap();
+        assert_eq!(read(path.clone()), "line-0006\nline-0007\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn formats_rfc3339() {

@@ -34,6 +34,13 @@ enum Command {
         /// Append decisions (JSON lines) to this file instead of stdout.
         #[arg(long)]
         decisions_file: Option<PathBuf>,
+        /// Rotate the decisions file when it would exceed this many bytes
+        /// (0: never).
+        #[arg(long, default_value_t = 100 << 20)]
+        decisions_max_bytes: u64,
+        /// Rotated decision files to keep (FILE.1 .. FILE.N).
+        #[arg(long, default_value_t = 5)]
+        decisions_keep: u32,
         /// Use the tracepoint backends even where BPF-LSM is available.
         #[arg(long)]
         force_fallback: bool,
@@ -83,9 +90,11 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: escape codes in files break log shippers.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -125,6 +134,8 @@ fn main() -> ExitCode {
             policies,
             metrics_addr,
             decisions_file,
+            decisions_max_bytes,
+            decisions_keep,
             force_fallback,
             watch_interval,
             rescan_interval,
@@ -140,6 +151,10 @@ fn main() -> ExitCode {
                 policy_paths: policies,
                 metrics_addr,
                 decisions_file,
+                decisions_rotation: portcullis::events::Rotation {
+                    max_bytes: decisions_max_bytes,
+                    keep: decisions_keep,
+                },
                 force_fallback,
                 watch_interval: Duration::from_secs_f64(watch_interval.max(0.05)),
                 rescan_interval: Duration::from_secs_f64(rescan_interval.max(0.05)),

@@ -114,8 +114,9 @@ fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
     });
     assert_eq!(d["verdict"], "deny");
 
-    // Reload still works on the adopted maps.
+    // Reload still works on the adopted maps, and the log says what changed.
     assert!(second.reload(&egress(&cg, "      default: allow\n")));
+    assert!(second.log().contains("rules_added=0 rules_removed=1"), "{}", second.log());
     assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
     assert!(second.reload(&deny));
     assert_eq!(
