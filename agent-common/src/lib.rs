@@ -165,8 +165,9 @@ pub const TASK_COMM_LEN: usize = 16;
 
 /// Event kinds on the ring buffer.
 pub const EVENT_DECISION: u32 = 1;
-/// A cgroup was created; `names[0]` holds the start of its path (relative to
-/// its hierarchy root). The agent classifies it.
+/// A cgroup was created; `names` (all of it, read as one NUL-terminated
+/// buffer of `EVENT_NAMES * EVENT_NAME_LEN` bytes) holds the start of its
+/// path (relative to its hierarchy root). The agent classifies it.
 pub const EVENT_CGROUP_MKDIR: u32 = 2;
 
 // ---------------------------------------------------------------------------

@@ -17,6 +17,14 @@ pub fn run(_root: &Path) -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     apt_tool("bpftool", "bpftool")?;
+    // tests/cri.rs runs a real containerd (CRI plugin) with runc, and builds
+    // its image from static busybox: no registry is reachable here.
+    apt_tool("containerd", "containerd")?;
+    apt_tool("runc", "runc")?;
+    apt_package("busybox-static")?;
+    // deploy/ manifests are checked against the Kubernetes OpenAPI schemas
+    // bundled in the kubernetes-validate package (no cluster runs here).
+    k8s_validator()?;
     mount_if_missing("bpf", "/sys/fs/bpf")?;
     mount_if_missing("securityfs", "/sys/kernel/security")?;
     mount_if_missing("tracefs", "/sys/kernel/tracing")?;
@@ -121,6 +129,40 @@ fn apt_tool(binary: &str, package: &str) -> Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Installs a Debian package unless dpkg already has it (for packages whose
+/// binary name another package can also provide, as busybox).
+fn apt_package(package: &str) -> Result<()> {
+    let installed = output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
+        .is_some_and(|s| s.contains("install ok installed"));
+    if installed {
+        eprintln!("setup: {package}: present");
+        return Ok(());
+    }
+    status(Command::new("apt-get").args(["update", "-q"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Where `kubernetes-validate` lives: a venv of its own, so the system
+/// Python stays untouched. tests/deploy.rs looks here.
+pub fn k8s_validator_bin() -> PathBuf {
+    home().join(".cache/portcullis/k8s-validate/bin/kubernetes-validate")
+}
+
+fn k8s_validator() -> Result<()> {
+    let bin = k8s_validator_bin();
+    if bin.exists() {
+        eprintln!("setup: kubernetes-validate: present");
+        return Ok(());
+    }
+    let venv = bin.parent().and_then(Path::parent).context("validator path")?.to_path_buf();
+    status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    status(Command::new(venv.join("bin/pip")).args(["install", "-q", "kubernetes-validate==1.37.0"]))
 }
 
 fn mount_if_missing(fstype: &str, target: &str) -> Result<()> {

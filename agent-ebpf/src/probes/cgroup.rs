@@ -8,7 +8,9 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use portcullis_common::{COUNTER_MKDIR_LOST, EVENT_CGROUP_MKDIR, Event};
+use portcullis_common::{
+    COUNTER_MKDIR_LOST, EVENT_CGROUP_MKDIR, EVENT_NAME_LEN, EVENT_NAMES, Event,
+};
 
 use crate::decision::{fill_common, reserve};
 
@@ -22,7 +24,15 @@ pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> u32 {
     // SAFETY: `e` is the reserved entry; `path` is a kernel string.
     unsafe {
         fill_common(e, EVENT_CGROUP_MKDIR, 0, bpf_get_current_cgroup_id());
-        if bpf_probe_read_kernel_str_bytes(path, &mut (*e).names[0]).is_err() {
+        // The whole `names` array as one buffer: pod and container cgroup
+        // paths run to ~200 bytes (systemd driver), far past one name slot,
+        // and a truncated path names no cgroup. Longer paths still fall to
+        // the rescan.
+        let buf = &mut *((*e)
+            .names
+            .as_mut_ptr()
+            .cast::<[u8; EVENT_NAMES * EVENT_NAME_LEN]>());
+        if bpf_probe_read_kernel_str_bytes(path, buf).is_err() {
             (*e).names[0][0] = 0;
         }
     }

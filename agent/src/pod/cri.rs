@@ -232,6 +232,17 @@ pub struct LinuxContainerConfig {
     pub security_context: Option<LinuxContainerSecurityContext>,
 }
 
+/// A bind mount from the host into a container.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mount {
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    #[prost(bool, tag = "3")]
+    pub readonly: bool,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ContainerConfig {
     #[prost(message, optional, tag = "1")]
@@ -242,6 +253,8 @@ pub struct ContainerConfig {
     pub command: Vec<String>,
     #[prost(string, repeated, tag = "4")]
     pub args: Vec<String>,
+    #[prost(message, repeated, tag = "7")]
+    pub mounts: Vec<Mount>,
     #[prost(map = "string, string", tag = "9")]
     pub labels: HashMap<String, String>,
     #[prost(string, tag = "11")]

@@ -341,6 +341,9 @@ impl Resolver {
             return Lookup::NotPod;
         }
         let handle = tokio::runtime::Handle::current();
-        tokio::task::block_in_place(|| handle.block_on(self.lookup(path)))
+        let start = Instant::now();
+        let answer = tokio::task::block_in_place(|| handle.block_on(self.lookup(path)));
+        tracing::debug!(cgroup = path, ?answer, elapsed = ?start.elapsed(), "pod metadata lookup");
+        answer
     }
 }
