@@ -20,7 +20,7 @@ use portcullis_common::{
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use crate::{compile::Compiled, loader::Backend};
+use crate::{chain::Chain, compile::Compiled, loader::Backend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -92,8 +92,13 @@ pub struct Rotation {
     pub keep: u32,
 }
 
-/// Where decision lines go.
-pub enum Sink {
+/// Where decision lines go, each sealed into the hash chain (`chain.rs`).
+pub struct Sink {
+    out: Out,
+    chain: Chain,
+}
+
+enum Out {
     Stdout,
     File {
         path: PathBuf,
@@ -121,10 +126,11 @@ fn numbered(path: &Path, n: u32) -> PathBuf {
 impl Sink {
     pub fn open(path: Option<PathBuf>, rotation: Rotation) -> Result<Self, EventsError> {
         let Some(path) = path else {
-            return Ok(Self::Stdout);
+            return Ok(Self { out: Out::Stdout, chain: Chain::default() });
         };
         let (file, size) = open_append(&path)?;
-        Ok(Self::File { path, file, size, rotation })
+        let chain = Chain::resume(&path);
+        Ok(Self { out: Out::File { path, file, size, rotation }, chain })
     }
 
     /// Shifts the numbered files up one and starts a new, empty file.
@@ -142,15 +148,16 @@ impl Sink {
     }
 
     fn write_line(&mut self, line: &str) -> Result<(), EventsError> {
-        let (res, path) = match self {
-            Self::Stdout => {
+        let line = &self.chain.seal(line);
+        let (res, path) = match &mut self.out {
+            Out::Stdout => {
                 let mut out = std::io::stdout().lock();
                 (
                     writeln!(out, "{line}").and_then(|()| out.flush()),
                     "stdout".to_owned(),
                 )
             }
-            Self::File { path, file, size, rotation } => {
+            Out::File { path, file, size, rotation } => {
                 let len = line.len() as u64 + 1;
                 if rotation.max_bytes > 0 && *size > 0 && *size + len > rotation.max_bytes {
                     (*file, *size) = Self::rotate(path, rotation.keep)?;
@@ -414,26 +421,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decision_file_rotates_by_size_and_keeps_n() {
+    fn decision_file_rotates_by_size_keeps_n_and_the_chain_spans_files() {
         let dir = std::env::temp_dir().join(format!("portcullis-rotate-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("decisions.jsonl");
-        let mut sink = Sink::open(Some(path.clone()), Rotation { max_bytes: 25, keep: 2 }).unwrap();
-        // 10-byte lines (9 + newline): two fit in 25 bytes, the third rotates.
+        // Sealed lines are 104 bytes ({"i":N} + seq + chain): two fit.
+        let rotation = Rotation { max_bytes: 220, keep: 2 };
+        let mut sink = Sink::open(Some(path.clone()), rotation).unwrap();
         for i in 0..7 {
-            sink.write_line(&format!("line-{i:04}")).unwrap();
+            sink.write_line(&format!("{{\"i\":{i}}}")).unwrap();
         }
-        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-        assert_eq!(read(path.clone()), "line-0006\n");
-        assert_eq!(read(numbered(&path, 1)), "line-0004\nline-0005\n");
-        assert_eq!(read(numbered(&path, 2)), "line-0002\nline-0003\n");
+        let ids = |p: PathBuf| -> Vec<u64> {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["i"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(ids(path.clone()), [6]);
+        assert_eq!(ids(numbered(&path, 1)), [4, 5]);
+        assert_eq!(ids(numbered(&path, 2)), [2, 3]);
         assert!(!numbered(&path, 3).exists(), "only `keep` rotated files");
-        // Reopening appends and counts what is there.
+        // Reopening appends, counts what is there and continues the chain.
         drop(sink);
-        let mut sink = Sink::open(Some(path.clone()), Rotation { max_bytes: 25, keep: 2 }).unwrap();
-        sink.write_line("line-0007").unwrap();
-        assert_eq!(read(path.clone()), "line-0006\nline-0007\n");
+        let mut sink = Sink::open(Some(path.clone()), rotation).unwrap();
+        sink.write_line("{\"i\":7}").unwrap();
+        assert_eq!(ids(path.clone()), [6, 7]);
+        let files = [numbered(&path, 2), numbered(&path, 1), path.clone()];
+        assert_eq!(crate::chain::verify(&files), Ok((6, 3)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

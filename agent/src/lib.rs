@@ -2,6 +2,7 @@
 //! integration tests and benchmarks can drive the same code.
 
 pub mod btf;
+pub mod chain;
 pub mod cgroup;
 pub mod compile;
 pub mod daemon;

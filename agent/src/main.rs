@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use portcullis::{daemon, pin, pod, policy};
+use portcullis::{chain, daemon, pin, pod, policy};
 
 #[derive(Parser)]
 #[command(version, about = "Host access enforcement for Linux workloads (eBPF)")]
@@ -73,6 +73,12 @@ enum Command {
         #[arg(long, default_value = "/var/lib/kubelet")]
         kubelet_root: PathBuf,
     },
+    /// Check the hash chain of decision log files (oldest first, e.g.
+    /// `F.2 F.1 F`); names the first modified, removed or inserted line.
+    VerifyLog {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Remove everything the agent pinned: programs detach, enforcement stops.
     Uninstall {
         /// The pin directory the agent ran with.
@@ -114,6 +120,21 @@ fn main() -> ExitCode {
                     eprintln!("{e}");
                 }
                 eprintln!("{} error(s)", errors.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::VerifyLog { files } => match chain::verify(&files) {
+            Ok((lines, first)) => {
+                let from = if first <= 1 {
+                    "from the first decision".to_owned()
+                } else {
+                    format!("anchored at seq {first}")
+                };
+                println!("ok: {lines} decision lines, chain intact ({from})");
+                ExitCode::SUCCESS
+            }
+            Err((file, e)) => {
+                eprintln!("{}: {e}", file.display());
                 ExitCode::FAILURE
             }
         },

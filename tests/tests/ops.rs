@@ -307,5 +307,18 @@ fn metrics_move_with_real_syscalls() {
     assert!(agent.metric("portcullis_policy_last_reload_success_timestamp_seconds") > 1.7e9);
     let (_, body) = agent.http("/metrics").unwrap();
     assert!(body.contains("portcullis_build_info{version="), "{body}");
+
+    // The decision trail is hash-chained: it verifies, and an edited line
+    // is named.
+    let log = agent.dir.join("decisions.jsonl");
+    let verify = |p: &Path| agent_cli(&["verify-log", &p.display().to_string()]);
+    let out = verify(&log);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let forged = log.with_extension("forged");
+    std::fs::write(&forged, text.replacen("\"verdict\":\"deny\"", "\"verdict\":\"allow\"", 1)).unwrap();
+    let out = verify(&forged);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1 (seq 1): chain mismatch"), "{out:?}");
     assert!(body.contains(r#"portcullis_kernel_errors_total{hook="open"} 0"#), "{body}");
 }
