@@ -151,19 +151,20 @@ impl PolicyMaps {
     /// earlier agent instance left in pinned maps, to be replaced and retired
     /// like any old generation.
     pub fn snapshot(&self) -> Compiled {
-        let mut c = Compiled::default();
-        c.cgroups = self.identities.iter().filter_map(Result::ok).collect();
-        c.identity_cfg = self.identity_cfg.iter().filter_map(Result::ok).collect();
-        c.exec = self.exec.iter().filter_map(Result::ok).collect();
-        c.files = self.files.iter().filter_map(Result::ok).collect();
-        c.only_from = self.only_from.keys().filter_map(Result::ok).collect();
-        c.net = self
-            .net
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| ((k.prefix_len(), k.data()), v))
-            .collect();
-        c
+        Compiled {
+            cgroups: self.identities.iter().filter_map(Result::ok).collect(),
+            identity_cfg: self.identity_cfg.iter().filter_map(Result::ok).collect(),
+            exec: self.exec.iter().filter_map(Result::ok).collect(),
+            files: self.files.iter().filter_map(Result::ok).collect(),
+            only_from: self.only_from.keys().filter_map(Result::ok).collect(),
+            net: self
+                .net
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+                .collect(),
+            ..Compiled::default()
+        }
     }
 
     fn write_rules(

@@ -24,6 +24,7 @@ use portcullis_common::PIN_LAYOUT;
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
+/// `statfs` f_type of bpffs (`linux/magic.h`); x86_64 `__fsword_t` is i64.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +163,7 @@ impl PinDir {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` when the pin directory is below it and
