@@ -309,15 +309,51 @@ mod tests {
         Some(Btf::from_file(p).expect("host btf parses"))
     }
 
+    /// `(file.f_path, linux_binprm.file, file.f_path.dentry)` measured with
+    /// `bpftool btf dump ... format raw` on the kernels this project is
+    /// tested on (the host, and the Debian kernels `cargo xtask vm` boots).
+    /// `f_path` moved into an anonymous union in 6.12, so the parser must
+    /// descend into anonymous members to find it there.
+    const MEASURED_LAYOUTS: &[(&str, (u32, u32, u32))] = &[
+        ("6.1.", (16, 64, 24)),
+        ("6.12.", (64, 64, 72)),
+        ("6.18.", (64, 64, 72)),
+    ];
+
+    fn running_release() -> String {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
     #[test]
     fn host_offsets_match_known_layout() {
         let Some(btf) = host() else { return };
-        // Measured on this machine's 6.18 kernel (ENVIRONMENT.md).
-        assert_eq!(btf.offset_of("file", "f_path").unwrap(), 64);
-        assert_eq!(btf.offset_of("linux_binprm", "file").unwrap(), 64);
-        // path.dentry follows path.mnt.
-        assert_eq!(btf.offset_of("file", "f_path.dentry").unwrap(), 72);
+        let f_path = btf.offset_of("file", "f_path").unwrap();
+        let bprm_file = btf.offset_of("linux_binprm", "file").unwrap();
+        let dentry = btf.offset_of("file", "f_path.dentry").unwrap();
+        // True of every kernel: `struct path` is { mnt, dentry }, and a
+        // dotted path adds the offsets of its members.
+        assert_eq!(btf.offset_of("path", "mnt").unwrap(), 0);
         assert_eq!(btf.offset_of("path", "dentry").unwrap(), 8);
+        assert_eq!(dentry, f_path + 8);
+        // The exact numbers, on the kernels whose layout was measured.
+        let release = running_release();
+        match MEASURED_LAYOUTS
+            .iter()
+            .find(|(prefix, _)| release.starts_with(prefix))
+        {
+            Some((_, want)) => assert_eq!(
+                (f_path, bprm_file, dentry),
+                *want,
+                "(file.f_path, linux_binprm.file, file.f_path.dentry) on {release}"
+            ),
+            None => eprintln!(
+                "kernel {release}: no measured layout to compare with; \
+                 checked the invariants only (f_path at {f_path})"
+            ),
+        }
     }
 
     #[test]

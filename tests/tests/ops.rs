@@ -195,6 +195,13 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
     };
     let a = policy("10.99.0.0/16", "other");
     let b = policy("192.0.2.0/24", "other2");
+    // Under QEMU TCG (`cargo xtask vm` sets PORTCULLIS_VM) one reload takes
+    // ~1.4 s instead of tens of ms: hammer longer, expect fewer reloads.
+    let (secs, min_reloads) = if std::env::var_os("PORTCULLIS_VM").is_some() {
+        (30, 10)
+    } else {
+        (20, 100)
+    };
     let mut agent = Agent::start(&a);
     let killed_or_eperm = agent.denied("open");
     assert_eq!(probe(&cg, &["read", &secret]), killed_or_eperm);
@@ -231,7 +238,7 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
                 &cg,
                 &[
                     "hammer",
-                    "20",
+                    &secs.to_string(),
                     "127.0.0.1",
                     &allowed,
                     "127.0.0.1",
@@ -244,7 +251,7 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
 
     let mut reloads = 0;
     let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(18) && reloads < 300 {
+    while start.elapsed() < Duration::from_secs(secs - 2) && reloads < 300 {
         assert!(
             agent.reload(if reloads % 2 == 0 { &b } else { &a }),
             "reload {reloads} rejected"
@@ -266,7 +273,10 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
         opens.load(Ordering::Relaxed),
         bad_opens.load(Ordering::Relaxed)
     );
-    assert!(reloads >= 100, "only {reloads} reloads in the time allowed");
+    assert!(
+        reloads >= min_reloads,
+        "only {reloads} reloads in the time allowed"
+    );
     assert!(report["rounds"].as_u64().unwrap() > 100, "{report}");
     assert_eq!(report["violations"], 0, "{report}");
     assert!(opens.load(Ordering::Relaxed) > 10);

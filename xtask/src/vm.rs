@@ -80,16 +80,21 @@ pub fn run(root: &Path) -> Result<()> {
         }
     }
 
+    // For iterating on one failure: `PORTCULLIS_VM_BOOTS=6.1.0-57-lsm-bpf`
+    // keeps the boots whose log name contains one of the comma-separated
+    // words; `PORTCULLIS_VM_TESTS` (executable names) and
+    // `PORTCULLIS_VM_FILTER` (a libtest name filter) narrow the guest's run.
+    // A narrowed run says so in the table; CI sets none of them.
+    if let Ok(only) = std::env::var("PORTCULLIS_VM_BOOTS") {
+        boots.retain(|b| only.split(',').any(|w| boot_name(b).contains(w)));
+        eprintln!("vm: PARTIAL RUN: only boots matching {only:?}");
+    }
     let mut results = Vec::new();
     for boot in &boots {
         let outcome = match &boot.vmlinuz {
             Err(e) => Outcome { failed: 1, notes: vec![format!("no kernel: {e}")], ..Default::default() },
             Ok(vmlinuz) => {
-                let log = work.join(format!(
-                    "logs/{}-{}.log",
-                    boot.kernel,
-                    if boot.bpf_lsm { "lsm-bpf" } else { "lsm-nobpf" }
-                ));
+                let log = work.join(format!("logs/{}.log", boot_name(boot)));
                 eprintln!(
                     "vm: booting {} (lsm={}), console log {}",
                     boot.kernel,
@@ -113,6 +118,10 @@ pub fn run(root: &Path) -> Result<()> {
         bail!("VM matrix FAILED on: {}", failed.join(", "));
     }
     Ok(())
+}
+
+fn boot_name(b: &Boot) -> String {
+    format!("{}-{}", b.kernel, if b.bpf_lsm { "lsm-bpf" } else { "lsm-nobpf" })
 }
 
 fn cache_dir() -> PathBuf {
@@ -456,9 +465,24 @@ fn build_initramfs(root: &Path, bins: &Bins, dest: &Path) -> Result<()> {
     for (name, exe) in &bins.tests {
         cpio.file(&format!("/opt/portcullis/tests/{name}"), 0o755, &stripped(exe, &scratch)?);
     }
-    // The bundled policies where the tests (CARGO_MANIFEST_DIR/..) look.
+    // The tests read repository files through paths compiled in as
+    // `CARGO_MANIFEST_DIR/../policies`: the kernel resolves `..` only through
+    // a directory that exists, so every package directory is created at the
+    // absolute path it was built at, and the data directories tests read
+    // (`policies/`, and `deploy/` where it exists) are copied there.
+    for e in fs::read_dir(root)? {
+        let p = e?.path();
+        if p.join("Cargo.toml").is_file() {
+            cpio.dir(&p.display().to_string());
+        }
+    }
+    for data in ["policies", "deploy"] {
+        let dir = root.join(data);
+        if dir.is_dir() {
+            add_tree(&mut cpio, &dir, &dir.display().to_string())?;
+        }
+    }
     let policies = root.join("policies");
-    add_tree(&mut cpio, &policies, &policies.display().to_string())?;
     cpio.file(
         "/etc/portcullis-vm/policies/default.yaml",
         0o644,
@@ -507,6 +531,20 @@ fn boot_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// `PORTCULLIS_VM_TESTS` / `PORTCULLIS_VM_FILTER` for the guest's `/init`
+/// (kernel command-line words reach it as environment variables; a word
+/// with a dot would be taken for a module parameter, so none may have one).
+fn guest_narrowing() -> String {
+    let mut extra = String::new();
+    for var in ["PORTCULLIS_VM_TESTS", "PORTCULLIS_VM_FILTER"] {
+        if let Ok(v) = std::env::var(var) {
+            eprintln!("vm: PARTIAL RUN: {var}={v}");
+            extra.push_str(&format!(" {var}={v}"));
+        }
+    }
+    extra
+}
+
 fn boot_and_test(vmlinuz: &Path, initramfs: &Path, bpf_lsm: bool, log: &Path) -> Outcome {
     let start = Instant::now();
     let lsm = if bpf_lsm { LSM_WITH_BPF } else { LSM_WITHOUT_BPF };
@@ -519,7 +557,7 @@ fn boot_and_test(vmlinuz: &Path, initramfs: &Path, bpf_lsm: bool, log: &Path) ->
         .arg("-initrd")
         .arg(initramfs)
         .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 rdinit=/init lsm={lsm}"))
+        .arg(format!("console=ttyS0 quiet panic=-1 rdinit=/init lsm={lsm} PORTCULLIS_VM=1{}", guest_narrowing()))
         .stdin(Stdio::null());
     let mut outcome = Outcome::default();
     let spawned = fs::File::create(log).map_err(anyhow::Error::from).and_then(|f| {
@@ -688,6 +726,11 @@ fn print_table(boots: &[Boot], results: &[Outcome], total: Duration) {
         }
     }
     eprintln!("VM matrix total: {:.0} s", total.as_secs_f64());
+    for var in ["PORTCULLIS_VM_BOOTS", "PORTCULLIS_VM_TESTS", "PORTCULLIS_VM_FILTER"] {
+        if let Ok(v) = std::env::var(var) {
+            eprintln!("VM matrix PARTIAL: {var}={v}");
+        }
+    }
     for (b, r) in boots.iter().zip(results) {
         println!(
             "PORTCULLIS-VM-RESULT kernel={} bpf_lsm={} passed={} failed={} skipped={} seconds={:.0}",
