@@ -164,9 +164,10 @@ fn detach_on_exit_stops_enforcement_with_the_agent() {
 }
 
 /// Reloads hundreds of times while a process in the governed cgroup
-/// hammers allowed and denied connects, allowed reads, and (one process per
-/// attempt, since the fallback kills) denied opens. No denied call may ever
-/// succeed and no allowed call may ever fail.
+/// hammers allowed and denied connects and allowed reads, and (one process
+/// per attempt, since the fallback kills) denied opens, denied execs and
+/// allowed execs. No denied call may ever succeed and no allowed call may
+/// ever fail.
 #[test]
 fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() {
     require_kernel!();
@@ -179,6 +180,9 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
     std::fs::create_dir_all(tmp.path("other2")).unwrap();
     std::fs::write(tmp.path("secret/key"), "secret").unwrap();
     std::fs::write(tmp.path("open.txt"), "open").unwrap();
+    std::fs::copy("/bin/true", tmp.path("allowed-true")).unwrap();
+    std::fs::copy("/bin/true", tmp.path("denied-true")).unwrap();
+    let (allowed_exe, denied_exe) = (tmp.str("allowed-true"), tmp.str("denied-true"));
     let secret = tmp.str("secret/key");
     let open = tmp.str("open.txt");
 
@@ -186,8 +190,9 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
     // in other rules, so each reload writes a genuinely new generation.
     let policy = |extra_cidr: &str, extra_dir: &str| {
         format!(
-            "{}  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"], protocol: tcp }}\n        - {{ cidr: {extra_cidr} }}\n  files:\n    - {{ path: \"{}/secret/**\", access: none }}\n    - {{ path: \"{}/{extra_dir}/**\", access: none }}\n",
+            "{}  exec:\n    deny: [\"{}\"]\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"], protocol: tcp }}\n        - {{ cidr: {extra_cidr} }}\n  files:\n    - {{ path: \"{}/secret/**\", access: none }}\n    - {{ path: \"{}/{extra_dir}/**\", access: none }}\n",
             policy_header("hammer", "enforce", &cg.path),
+            denied_exe,
             denied.port,
             tmp.0.display(),
             tmp.0.display(),
@@ -204,7 +209,10 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
     };
     let mut agent = Agent::start(&a);
     let killed_or_eperm = agent.denied("open");
+    let exec_denied = agent.denied("exec");
     assert_eq!(probe(&cg, &["read", &secret]), killed_or_eperm);
+    assert_eq!(probe(&cg, &["exec", &denied_exe]), exec_denied);
+    assert_eq!(probe(&cg, &["exec", &allowed_exe]), Outcome::Exited(0));
 
     let stop = Arc::new(AtomicBool::new(false));
     let (opens, bad_opens) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -216,11 +224,21 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
             cg.clone(),
             secret.clone(),
         );
-        let expected = killed_or_eperm.clone();
+        let checks = [
+            (vec!["read".to_owned(), secret], killed_or_eperm.clone()),
+            (vec!["exec".to_owned(), denied_exe.clone()], exec_denied.clone()),
+            (vec!["exec".to_owned(), allowed_exe.clone()], Outcome::Exited(0)),
+        ];
         std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            for (args, expected) in checks.iter().cycle() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 opens.fetch_add(1, Ordering::Relaxed);
-                if probe(&cg, &["read", &secret]) != expected {
+                let got = probe(&cg, &args);
+                if got != *expected {
+                    eprintln!("{args:?}: expected {expected:?}, got {got:?}");
                     bad_opens.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -269,7 +287,7 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
         )
     });
     eprintln!(
-        "{reloads} reloads; hammer {report}; {} denied opens, {} wrong",
+        "{reloads} reloads; hammer {report}; {} denied opens and denied/allowed execs, {} wrong",
         opens.load(Ordering::Relaxed),
         bad_opens.load(Ordering::Relaxed)
     );
