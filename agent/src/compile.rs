@@ -306,12 +306,19 @@ impl Builder<'_> {
             net: vec![],
             cfg: IdentityConfig::default(),
         };
+        // Time-bound approvals that have lapsed are compiled as absent (the
+        // daemon recompiles when the next one lapses). Rule numbers keep
+        // their place in the file, so the log names the rule as written.
+        let now = crate::policy::unix_now();
         if let Some(exec) = &policy.exec {
             pr.cfg.flags |= HAS_EXEC;
             pr.cfg.exec_deny_enforce = (exec.default == DefaultAction::Deny) as u32;
             for (list, mask, name) in [(&exec.allow, ACCESS_EXEC, "allow"), (&exec.deny, 0, "deny")]
             {
                 for (i, r) in list.iter().enumerate() {
+                    if crate::policy::expired(r.until, now) {
+                        continue;
+                    }
                     let id = self.rule(policy, format!("exec.{name}[{i}] {}", r.pattern));
                     for resolved in self.resolve(policy, r) {
                         pr.exec.push((resolved, mask, id));
@@ -327,6 +334,9 @@ impl Builder<'_> {
                 (&egress.deny, VERDICT_DENY, "deny"),
             ] {
                 for (i, r) in list.iter().enumerate() {
+                    if crate::policy::expired(r.until, now) {
+                        continue;
+                    }
                     let id = self.rule(policy, format!("network.egress.{name}[{i}] {}", r.text));
                     pr.net.extend(net_entries(r, verdict, mode, id));
                 }

@@ -481,8 +481,22 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut rescan = tokio::time::interval(cfg.rescan_interval);
     let mut retire = tokio::time::interval(RETIRE_GRACE / 4);
     loop {
+        // The next time-bound approval to lapse: recompile then, so it stops
+        // applying with no file change.
+        let lapse = policy::next_expiry(&state.policies, policy::unix_now());
+        let until_lapse = async move {
+            match lapse {
+                Some(t) => {
+                    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+                    let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = hup.recv() => state.reload("SIGHUP"),
+            _ = until_lapse => state.reload("a time-bound approval lapsed"),
             _ = watch.tick() => {
                 if fingerprint(&state.paths) != state.fingerprint {
                     state.reload("policy files changed");

@@ -374,3 +374,41 @@ fn a_bad_policy_is_rejected_and_the_enforced_one_stays() {
         agent.log()
     );
 }
+
+/// A time-bound approval: an allow rule with `until` lets the workload
+/// connect until then, and the agent withdraws it at that time with no
+/// change to the policy file.
+#[test]
+fn time_bound_approval_lapses_on_its_own() {
+    require_kernel!();
+    let listener = Listener::new("127.0.0.1");
+    let port = listener.port.to_string();
+    let cg = Cgroup::create("approval");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // Long enough for the agent to start (slow under the VM matrix's TCG).
+    let margin = if std::env::var_os("PORTCULLIS_VM").is_some() { 30 } else { 4 };
+    let until = now + margin;
+    let stamp = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{until}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    let stamp = String::from_utf8(stamp.stdout).unwrap().trim().to_owned();
+    let policy = egress_policy(
+        &cg,
+        "enforce",
+        &format!(
+            "      default: deny\n      allow:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"], until: \"{stamp}\" }}\n"
+        ),
+    );
+    let mut agent = Agent::start(&policy);
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+    agent.wait_until("the approval to lapse", std::time::Duration::from_secs(margin + 15), |_| {
+        probe(&cg, &["connect", "127.0.0.1", &port]) == Outcome::Errno(EPERM)
+    });
+    let lapsed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(lapsed_at >= until, "denied at {lapsed_at}, before the approval's end {until}");
+    let log = agent.log();
+    assert!(log.contains("a time-bound approval lapsed") && log.contains("rules_removed=1"), "{log}");
+    let d = agent.wait_decision("deny after the approval", |d| d["workload"]["cgroup"] == cg.path.as_str());
+    assert_eq!(d["rule"], "default");
+}

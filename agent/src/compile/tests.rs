@@ -39,6 +39,7 @@ fn v4(a: [u8; 4], len: u8, ports: Vec<(u16, u16)>) -> NetRule {
         log: false,
         text: format!("{}/{len}", std::net::Ipv4Addr::from(a)),
         line: 1,
+        until: None,
     }
 }
 
@@ -53,6 +54,7 @@ fn path(p: &str) -> PathRule {
     PathRule {
         pattern: p.into(),
         line: 1,
+        until: None,
     }
 }
 

@@ -100,6 +100,9 @@ pub struct PathRule {
     pub pattern: String,
     /// Line of the rule in its file (for the decision log and errors).
     pub line: usize,
+    /// A time-bound approval (exec `allow` entries only): the rule is in
+    /// force until this Unix time (seconds), then as if absent.
+    pub until: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +127,9 @@ pub struct NetRule {
     /// The rule as the user wrote it, e.g. `10.0.0.0/8 443,8000-8002/tcp`.
     pub text: String,
     pub line: usize,
+    /// A time-bound approval (allow rules only): in force until this Unix
+    /// time (seconds), then as if absent.
+    pub until: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,4 +149,69 @@ pub struct FileRule {
     /// When non-empty, only these executables get `access`; every other
     /// process gets no access at all.
     pub only_from: Vec<PathRule>,
+}
+
+/// Unix time now, in seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Whether a time-bound rule has lapsed at `now` (Unix seconds).
+pub fn expired(until: Option<i64>, now: i64) -> bool {
+    until.is_some_and(|u| u <= now)
+}
+
+/// The earliest `until` after `now` among the policies' approvals: when the
+/// agent must recompile to drop a lapsing approval.
+pub fn next_expiry(policies: &[Policy], now: i64) -> Option<i64> {
+    let exec = policies.iter().filter_map(|p| p.exec.as_ref()).flat_map(|e| e.allow.iter().map(|r| r.until));
+    let net = policies.iter().filter_map(|p| p.egress.as_ref()).flat_map(|e| e.allow.iter().map(|r| r.until));
+    exec.chain(net).flatten().filter(|&u| u > now).min()
+}
+
+/// Parses an RFC 3339 timestamp (`2026-12-01T12:00:00Z`, fractional
+/// seconds and `+hh:mm` offsets allowed) to Unix seconds.
+pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    let bad = || format!("'{s}' is not an RFC 3339 time like 2026-12-01T12:00:00Z");
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+        s.get(r).filter(|t| t.bytes().all(|c| c.is_ascii_digit())).and_then(|t| t.parse().ok()).ok_or_else(bad)
+    };
+    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(rest.as_bytes()[0], b'+' | b'-') && rest.as_bytes()[3] == b':' => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            let oh: i64 = rest[1..3].parse().map_err(|_| bad())?;
+            let om: i64 = rest[4..6].parse().map_err(|_| bad())?;
+            sign * (oh * 3600 + om * 60)
+        }
+        _ => return Err(bad()),
+    };
+    let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let mdays = [31, if leap(y) { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&mo) || d < 1 || d > mdays[(mo - 1) as usize] || h > 23 || mi > 59 || se > 60 {
+        return Err(format!("'{s}' is not a valid date and time"));
+    }
+    // Days from civil (Howard Hinnant).
+    let (yy, m) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(days * 86_400 + h * 3600 + mi * 60 + se - offset)
 }

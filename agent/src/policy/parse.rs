@@ -974,7 +974,7 @@ impl<'a> Cx<'a> {
         let mut f = self.map(n, "spec.exec", Some(&["default", "allow", "deny"]))?;
         f.at = at;
         let default = self.default_action(&f);
-        let allow = self.path_list(f.get("allow"), &f.path("allow"));
+        let allow = self.approval_list(f.get("allow"), &f.path("allow"));
         let deny = self.path_list(f.get("deny"), &f.path("deny"));
         Some(ExecRules {
             default: default?,
@@ -1007,7 +1007,50 @@ impl<'a> Cx<'a> {
         Some(PathRule {
             pattern,
             line: line_of(n.referenced),
+            until: None,
         })
+    }
+
+    /// Exec `allow` entries: a path glob, or `{ path, until }` for a
+    /// time-bound approval.
+    fn approval_list(&mut self, n: Option<&SNode>, path: &str) -> Option<Vec<PathRule>> {
+        let Some(n) = n else { return Some(Vec::new()) };
+        let items = self.seq(n, path)?;
+        let mut rules = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let ipath = format!("{path}[{i}]");
+            let rule = if matches!(item.value, Node::Str(_)) {
+                self.path_rule(item, &ipath)
+            } else {
+                self.map(item, &ipath, Some(&["path", "until"])).and_then(|f| {
+                    let until = self.until(&f);
+                    let mut rule = self.required(&f, "path").and_then(|p| self.path_rule(p, &f.path("path")));
+                    if let Some(r) = rule.as_mut() {
+                        r.until = until?;
+                    }
+                    rule
+                })
+            };
+            match rule {
+                Some(rule) => rules.push(rule),
+                None => ok = false,
+            }
+        }
+        ok.then_some(rules)
+    }
+
+    /// The optional `until` of an approval (`Some(None)` when absent).
+    fn until(&mut self, f: &Fields<'_>) -> Option<Option<i64>> {
+        let Some(u) = f.get("until") else { return Some(None) };
+        let s = self.string(u, &f.path("until"))?;
+        match super::parse_rfc3339(&s) {
+            Ok(t) => Some(Some(t)),
+            Err(msg) => {
+                self.err(u.referenced, &f.path("until"), msg);
+                None
+            }
+        }
     }
 
     fn egress(&mut self, at: Location, n: &SNode) -> Option<EgressRules> {
@@ -1042,7 +1085,7 @@ impl<'a> Cx<'a> {
     }
 
     fn net_rule(&mut self, n: &SNode, path: &str, is_allow: bool) -> Option<NetRule> {
-        let f = self.map(n, path, Some(&["cidr", "ports", "protocol", "log"]))?;
+        let f = self.map(n, path, Some(&["cidr", "ports", "protocol", "log", "until"]))?;
         let before = self.errors.len();
 
         let cidr = self.required(&f, "cidr").and_then(|c| {
@@ -1103,6 +1146,18 @@ impl<'a> Cx<'a> {
             None => Some(false),
         };
 
+        let until = match f.get("until") {
+            Some(u) if !is_allow => {
+                self.err(
+                    u.referenced,
+                    &f.path("until"),
+                    "until is only valid on allow rules (a time-bound approval); a deny never lapses",
+                );
+                None
+            }
+            _ => self.until(&f),
+        };
+
         if self.errors.len() != before {
             return None;
         }
@@ -1117,6 +1172,7 @@ impl<'a> Cx<'a> {
             log: log?,
             text,
             line: line_of(n.referenced),
+            until: until?,
         })
     }
 

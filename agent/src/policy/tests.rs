@@ -23,6 +23,7 @@ fn rule(pattern: &str, line: usize) -> PathRule {
     PathRule {
         pattern: pattern.into(),
         line,
+        until: None,
     }
 }
 
@@ -157,6 +158,7 @@ fn inference_serving_example_parses_to_exact_policy() {
                 log: false,
                 text: "10.0.0.0/8 443,8000-8002/tcp".into(),
                 line: 23,
+                until: None,
             }],
             deny: vec![NetRule {
                 addr: mapped(169, 254, 169, 254),
@@ -166,6 +168,7 @@ fn inference_serving_example_parses_to_exact_policy() {
                 log: false,
                 text: "169.254.169.254/32".into(),
                 line: 25,
+                until: None,
             }],
         }),
         files: vec![
@@ -315,6 +318,7 @@ spec:
                 log: true,
                 text: "2001:db8::/32 53,1000-2000,65535/udp".into(),
                 line: 19,
+                until: None,
             },
             NetRule {
                 addr: mapped(0, 0, 0, 0),
@@ -324,6 +328,7 @@ spec:
                 log: false,
                 text: "0.0.0.0/0 tcp".into(),
                 line: 23,
+                until: None,
             },
             NetRule {
                 addr: Ipv6Addr::UNSPECIFIED,
@@ -333,6 +338,7 @@ spec:
                 log: false,
                 text: "::/0 80-81".into(),
                 line: 25,
+                until: None,
             },
         ]
     );
@@ -818,7 +824,7 @@ fn network_errors() {
         (
             egress("{ cidr: 10.0.0.0/8, port: 443 }"),
             "port",
-            "unknown field 'port', expected one of: cidr, ports, protocol, log".into(),
+            "unknown field 'port', expected one of: cidr, ports, protocol, log, until".into(),
         ),
     ];
     for (spec, field, message) in cases {
@@ -1073,5 +1079,62 @@ fn pod_selector_errors() {
         7,
         "spec.selector.podLabels",
         "expected a mapping of labels or matchLabels/matchExpressions, found a list",
+    );
+}
+
+#[test]
+fn rfc3339_times_parse_to_unix_seconds() {
+    use crate::policy::parse_rfc3339;
+    assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(0));
+    assert_eq!(parse_rfc3339("2026-12-01T12:00:00Z"), Ok(1_796_126_400));
+    assert_eq!(parse_rfc3339("2026-12-01T13:30:00.250+01:30"), Ok(1_796_126_400));
+    assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z"), Ok(1_709_164_800));
+    assert!(parse_rfc3339("2025-02-29T00:00:00Z").is_err());
+    assert!(parse_rfc3339("2026-12-01 12:00:00").is_err());
+    assert!(parse_rfc3339("tomorrow").is_err());
+}
+
+#[test]
+fn time_bound_approvals_parse_and_are_checked() {
+    let p = parse_one(&format!(
+        "{HEAD}  exec:
+    default: deny
+    allow:
+      - /usr/bin/*
+      - {{ path: /opt/debug/gdb, until: \"2026-12-01T12:00:00Z\" }}
+  network:
+    egress:
+      default: deny
+      allow:
+        - {{ cidr: 10.0.0.0/8, until: \"2026-12-01T13:00:00Z\" }}
+"
+    ));
+    let exec = p.exec.as_ref().unwrap();
+    assert_eq!(exec.allow[0].until, None);
+    assert_eq!((exec.allow[1].pattern.as_str(), exec.allow[1].until), ("/opt/debug/gdb", Some(1_796_126_400)));
+    let net = &p.egress.as_ref().unwrap().allow[0];
+    assert_eq!(net.until, Some(1_796_130_000));
+    let policies = [p];
+    assert_eq!(crate::policy::next_expiry(&policies, 0), Some(1_796_126_400));
+    assert_eq!(crate::policy::next_expiry(&policies, 1_796_126_400), Some(1_796_130_000));
+    assert_eq!(crate::policy::next_expiry(&policies, 1_796_130_000), None);
+
+    assert_spec_error(
+        "  network:\n    egress:\n      deny:\n        - { cidr: 10.0.0.0/8, until: \"2026-12-01T12:00:00Z\" }\n",
+        11,
+        "spec.network.egress.deny[0].until",
+        "until is only valid on allow rules (a time-bound approval); a deny never lapses",
+    );
+    assert_spec_error(
+        "  exec:\n    allow:\n      - { path: /bin/sh, until: friday }\n",
+        10,
+        "spec.exec.allow[0].until",
+        "'friday' is not an RFC 3339 time like 2026-12-01T12:00:00Z",
+    );
+    assert_spec_error(
+        "  exec:\n    deny:\n      - { path: /bin/sh }\n",
+        10,
+        "spec.exec.deny[0]",
+        "expected a string, found a mapping",
     );
 }
