@@ -284,6 +284,13 @@ impl State {
             tracing::debug!(cgroup = %cg.path, "pod metadata not known yet; cgroup keeps its ancestor's identity");
             return;
         }
+        // The pod-level cgroup first, so the pod's later containers inherit
+        // its identity from their first instruction.
+        if let pod::Lookup::Known(meta) = &cg.pod
+            && let Some(pod_cg) = self.pods.pod_level(&self.root, &cg.path, meta)
+        {
+            self.classify(pod_cg);
+        }
         let set = compile::select_cgroup(&self.policies, &cg);
         let mut compiled = (*self.compiled).clone();
         let identity = if set.is_empty() {

@@ -304,6 +304,8 @@ struct PodSpec<'a> {
     service_account: &'a str,
     labels: &'a [(&'a str, &'a str)],
     container: &'a str,
+    /// The container's command, run by `sh -c`.
+    script: String,
 }
 
 fn pod_uid() -> String {
@@ -391,7 +393,7 @@ fn create_pod(
         image: Some(ImageSpec {
             image: IMAGE.into(),
         }),
-        command: vec!["/bin/sleep".into(), "1000000".into()],
+        command: vec!["/bin/sh".into(), "-c".into(), spec.script.clone()],
         mounts: vec![Mount {
             container_path: "/mnt/shared".into(),
             host_path: shared.display().to_string(),
@@ -567,13 +569,20 @@ spec:
     );
     let identities_before = agent.metric("portcullis_map_entries{map=\"identities\"}");
 
-    // Both pods start after the agent: governed from their first exec.
+    // Both pods start after the agent: governed from their first exec. The
+    // container's own first act is the connect the policy denies (no exec
+    // from outside, no waiting): it must already be denied.
+    let first_connect = format!(
+        "nc -w 2 127.0.0.1 {} </dev/null >/tmp/first 2>&1; echo rc=$? >>/tmp/first; exec sleep 1000000",
+        listener.port
+    );
     let triton_spec = PodSpec {
         name: "triton-0",
         namespace: "ml",
         service_account: "triton",
         labels: &[("app", "triton")],
         container: "server",
+        script: first_connect.clone(),
     };
     let neighbour_spec = PodSpec {
         name: "builder-0",
@@ -581,6 +590,7 @@ spec:
         service_account: "builder",
         labels: &[("app", "builder")],
         container: "worker",
+        script: first_connect.clone(),
     };
     let triton = create_pod(&mut ctrd, &top, &triton_spec, &shared, &kubelet_root);
     let neighbour = create_pod(&mut ctrd, &top, &neighbour_spec, &shared, &kubelet_root);
@@ -599,7 +609,28 @@ spec:
     let open = |pod: &Pod| exec(&ctrd, pod, "cat /mnt/shared/secret.txt; echo rc=$?");
     let run_forbidden = |pod: &Pod| exec(&ctrd, pod, "/mnt/shared/bin/true; echo rc=$?");
 
-    // The very first operations in the new containers.
+    let first = |pod: &Pod| {
+        let start = Instant::now();
+        loop {
+            let out = exec(&ctrd, pod, "cat /tmp/first 2>/dev/null");
+            if out.contains("rc=") || start.elapsed() > Duration::from_secs(10) {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let out = first(&triton);
+    assert!(
+        out.contains("Operation not permitted") && out.contains("rc=1"),
+        "triton's entrypoint connect: {out}\n{}",
+        agent.log()
+    );
+    assert!(
+        first(&neighbour).ends_with("rc=0\n"),
+        "neighbour's entrypoint connect"
+    );
+
+    // Operations from `kubectl exec`-style processes.
     let out = connect(&triton, listener.port);
     assert!(
         out.contains("Operation not permitted") && out.contains("rc=1"),

@@ -514,7 +514,7 @@ fn daemonset_and_chart_pass_the_kubernetes_schema_and_agree() {
     for (name, body) in kind(&plain_docs, "ConfigMap")["data"].as_object().unwrap() {
         std::fs::write(dir.path(name), body.as_str().unwrap()).unwrap();
     }
-    portcullis::policy::load_paths(&[dir.0.clone()])
+    portcullis::policy::load_paths(std::slice::from_ref(&dir.0))
         .unwrap_or_else(|e| panic!("ConfigMap policies: {e:#?}"));
 
     // The ServiceMonitor variant: built-in objects validated, the CRD
@@ -787,4 +787,72 @@ fn daemonset_capabilities_suffice_and_configmap_edits_hot_reload() {
         probe(&cg, &["connect", "127.0.0.1", &other.port.to_string()]),
         Outcome::Errno(EPERM)
     );
+}
+
+/// Each capability the DaemonSet grants is needed: without any one of them
+/// the agent fails to load (and says why).
+#[test]
+fn each_daemonset_capability_is_needed() {
+    require_kernel!();
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP: deploy privileges: setpriv (util-linux) is not installed");
+        return;
+    }
+    let docs = yaml_docs(&read("deploy/daemonset.yaml"));
+    let caps = &kind(&docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+        ["capabilities"]["add"];
+    let caps: Vec<String> = caps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_lowercase())
+        .collect();
+    let tmp = TempDir::new("caps");
+    std::fs::write(
+        tmp.path("p.yaml"),
+        "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {name: p}\nspec:\n  selector: {cgroupPath: \"/portcullis-caps-none\"}\n  exec: {deny: [/nonexistent]}\n",
+    )
+    .unwrap();
+    for missing in &caps {
+        let keep: Vec<String> = caps
+            .iter()
+            .filter(|c| *c != missing)
+            .map(|c| format!("+{c}"))
+            .collect();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let out = Command::new("timeout")
+            .arg("20")
+            .arg("setpriv")
+            .arg(format!("--bounding-set=-all,{}", keep.join(",")))
+            .args(["--inh-caps=-all", "--"])
+            .arg(agent_bin())
+            .args(["run", "--policy"])
+            .arg(tmp.path("p.yaml"))
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--no-pin",
+                "--no-cri",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(
+            out.status.code(),
+            Some(124),
+            "without {missing} the agent kept running:\n{err}"
+        );
+        assert!(
+            !out.status.success(),
+            "without {missing} the agent must fail:\n{err}"
+        );
+        assert!(
+            err.contains("Operation not permitted") || err.contains("Permission denied"),
+            "without {missing}: {err}"
+        );
+    }
 }

@@ -39,6 +39,8 @@ pub struct PodCgroup {
     /// for the pod-level cgroup itself and for CRI-O's conmon.
     pub container_id: Option<String>,
     pub runtime: Option<Runtime>,
+    /// The pod-level cgroup's path (up to and including the pod segment).
+    pub pod_path: String,
 }
 
 /// Parses `path` (relative to the cgroup v2 root, starting with `/`).
@@ -53,10 +55,12 @@ pub fn parse(path: &str) -> Option<PodCgroup> {
         Some((id, rt)) => (id, Some(rt)),
         None => (None, None),
     };
+    let pod_path = format!("/{}", segments[..=i].join("/"));
     Some(PodCgroup {
         pod_uid,
         container_id,
         runtime,
+        pod_path,
     })
 }
 
@@ -116,11 +120,24 @@ mod tests {
     const UID_: &str = "0f2c3b1e_7a4d_4c8e_9b1a_2d3e4f5a6b7c";
     const ID: &str = "3b1f0c2e4d5a6978b0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d";
 
+    /// [`parse`] without `pod_path` (checked on its own below).
+    fn parsed(path: &str) -> Option<PodCgroup> {
+        parse(path).map(|p| PodCgroup { pod_path: String::new(), ..p })
+    }
+
+    #[test]
+    fn pod_level_path() {
+        let p = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice");
+        assert_eq!(parse(&format!("{p}/cri-containerd-{ID}.scope/x")).unwrap().pod_path, p);
+        assert_eq!(parse(&format!("/kubepods/pod{UID}/{ID}")).unwrap().pod_path, format!("/kubepods/pod{UID}"));
+    }
+
     fn pod(container: Option<&str>, runtime: Option<Runtime>) -> Option<PodCgroup> {
         Some(PodCgroup {
             pod_uid: UID.into(),
             container_id: container.map(Into::into),
             runtime,
+            pod_path: String::new(),
         })
     }
 
@@ -129,26 +146,26 @@ mod tests {
         let base = format!(
             "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice"
         );
-        assert_eq!(parse(&base), pod(None, None));
+        assert_eq!(parsed(&base), pod(None, None));
         assert_eq!(
-            parse(&format!("{base}/cri-containerd-{ID}.scope")),
+            parsed(&format!("{base}/cri-containerd-{ID}.scope")),
             pod(Some(ID), Some(Runtime::Containerd))
         );
         assert_eq!(
-            parse(&format!("{base}/crio-{ID}.scope")),
+            parsed(&format!("{base}/crio-{ID}.scope")),
             pod(Some(ID), Some(Runtime::CriO))
         );
         assert_eq!(
-            parse(&format!("{base}/crio-conmon-{ID}.scope")),
+            parsed(&format!("{base}/crio-conmon-{ID}.scope")),
             pod(None, Some(Runtime::CriO))
         );
         assert_eq!(
-            parse(&format!("{base}/docker-{ID}.scope")),
+            parsed(&format!("{base}/docker-{ID}.scope")),
             pod(Some(ID), Some(Runtime::Docker))
         );
         // Guaranteed QoS: no QoS slice.
         assert_eq!(
-            parse(&format!(
+            parsed(&format!(
                 "/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope"
             )),
             pod(Some(ID), Some(Runtime::Containerd))
@@ -158,14 +175,14 @@ mod tests {
     #[test]
     fn cgroupfs_driver() {
         assert_eq!(
-            parse(&format!("/kubepods/besteffort/pod{UID}/{ID}")),
+            parsed(&format!("/kubepods/besteffort/pod{UID}/{ID}")),
             pod(Some(ID), Some(Runtime::Unknown))
         );
         assert_eq!(
-            parse(&format!("/kubepods/burstable/pod{UID}/crio-{ID}")),
+            parsed(&format!("/kubepods/burstable/pod{UID}/crio-{ID}")),
             pod(Some(ID), Some(Runtime::CriO))
         );
-        assert_eq!(parse(&format!("/kubepods/pod{UID}")), pod(None, None));
+        assert_eq!(parsed(&format!("/kubepods/pod{UID}")), pod(None, None));
     }
 
     #[test]
@@ -173,11 +190,11 @@ mod tests {
         let p = format!(
             "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{UID_}.slice/cri-containerd-{ID}.scope/init.scope"
         );
-        assert_eq!(parse(&p), pod(Some(ID), Some(Runtime::Containerd)));
+        assert_eq!(parsed(&p), pod(Some(ID), Some(Runtime::Containerd)));
         // Static pods have a 32-hex UID.
         let static_uid = "6f1c0e0d8a5b4b2c9e7f1a2b3c4d5e6f";
         assert_eq!(
-            parse(&format!("/kubepods/burstable/pod{static_uid}")).map(|p| p.pod_uid),
+            parsed(&format!("/kubepods/burstable/pod{static_uid}")).map(|p| p.pod_uid),
             Some(static_uid.to_string())
         );
     }
@@ -194,15 +211,15 @@ mod tests {
             "/podcast",
             "/kubepods/besteffort/podnot-a-uid",
         ] {
-            assert_eq!(parse(p), None, "{p}");
+            assert_eq!(parsed(p), None, "{p}");
         }
         // A pod cgroup with an unrecognised child is still the pod.
         assert_eq!(
-            parse(&format!("/kubepods/pod{UID}/something-else.scope")),
+            parsed(&format!("/kubepods/pod{UID}/something-else.scope")),
             pod(None, None)
         );
         assert_eq!(
-            parse(&format!("/kubepods/pod{UID}/{}", &ID[..12])),
+            parsed(&format!("/kubepods/pod{UID}/{}", &ID[..12])),
             pod(None, None)
         );
     }

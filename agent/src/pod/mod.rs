@@ -268,6 +268,45 @@ impl Resolver {
         Some(meta)
     }
 
+    /// One `ContainerStatus` call for a container of a pod already known: a
+    /// single round trip instead of listing everything, because this runs
+    /// while the new container's first process is starting.
+    async fn fetch_container(&mut self, id: &str) -> bool {
+        let Some(client) = self.client().await else { return false };
+        let mut client = client.clone();
+        match client.container_status(id).await {
+            Ok(st) if st.id == id => {
+                let c = cri::Container {
+                    id: st.id.clone(),
+                    metadata: st.metadata,
+                    image: st.image,
+                    image_ref: st.image_ref,
+                    state: st.state,
+                    labels: st.labels,
+                    ..Default::default()
+                };
+                self.containers.insert(id.to_string(), c);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The pod-level cgroup of the pod `path` belongs to, when `path` is
+    /// below it: once any of a pod's cgroups resolves, the pod-level cgroup
+    /// can be classified too, so containers created in the pod later inherit
+    /// the pod's identity (namespace, labels and service account are
+    /// pod-wide) from their first instruction, before their own lookup.
+    pub fn pod_level(&self, root: &std::path::Path, path: &str, meta: &PodMetadata) -> Option<CgroupInfo> {
+        let pc = cgroup_path::parse(path)?;
+        if pc.pod_path == path {
+            return None;
+        }
+        let mut cg = crate::identity::lookup(root, &pc.pod_path)?;
+        cg.pod = Lookup::Known(Arc::new(PodMetadata { container: None, ..meta.clone() }));
+        Some(cg)
+    }
+
     /// Metadata for the cgroup at `path` (relative to the v2 root).
     pub async fn lookup(&mut self, path: &str) -> Lookup {
         let Some(pc) = cgroup_path::parse(path) else {
@@ -283,6 +322,13 @@ impl Resolver {
         // container before it creates its cgroup, while a pod-level cgroup
         // can precede its sandbox by seconds (network setup).
         let deadline = Instant::now() + self.cfg.settle;
+        if let Some(id) = &pc.container_id
+            && self.pods.contains_key(&pc.pod_uid)
+            && self.fetch_container(id).await
+            && let Some(meta) = self.answer(&pc)
+        {
+            return Lookup::Known(Arc::new(meta));
+        }
         loop {
             if self.refresh().await.is_err() {
                 return Lookup::Unavailable;
@@ -293,7 +339,7 @@ impl Resolver {
             if pc.container_id.is_none() || Instant::now() >= deadline {
                 return Lookup::Pending;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
