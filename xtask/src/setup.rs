@@ -24,7 +24,10 @@ pub fn run(_root: &Path) -> Result<()> {
     apt_package("busybox-static")?;
     // deploy/ manifests are checked against the Kubernetes OpenAPI schemas
     // bundled in the kubernetes-validate package (no cluster runs here).
-    k8s_validator()?;
+    // Not fatal: without it tests/deploy.rs prints SKIP for the schema check.
+    if let Err(e) = k8s_validator() {
+        eprintln!("setup: warning: kubernetes-validate not installed ({e:#}); the deploy schema test will SKIP");
+    }
     mount_if_missing("bpf", "/sys/fs/bpf")?;
     mount_if_missing("securityfs", "/sys/kernel/security")?;
     mount_if_missing("tracefs", "/sys/kernel/tracing")?;
