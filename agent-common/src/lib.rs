@@ -59,7 +59,7 @@ pub const PINNED_MAPS: [&str; 10] = [
 /// Layout version of the pinned maps: bump it whenever a key or value type
 /// above changes, so an agent never adopts maps of another layout (aya reuses
 /// a pinned map by name without comparing its definition).
-pub const PIN_LAYOUT: u32 = 2;
+pub const PIN_LAYOUT: u32 = 3;
 
 /// Read-only global (`KernelOffsets`) the agent fills from the running
 /// kernel's BTF with `EbpfLoader::override_global` before load.
@@ -188,6 +188,12 @@ pub struct IdentityConfig {
     /// `HAS_*` bits: lets hooks skip map lookups for actions no policy names.
     pub flags: u32,
     pub _pad: u32,
+    /// Bit `i` set when the identity's `i`-th policy has a `uid` selector:
+    /// it applies only to tasks whose uid is in `uid_lo[i]..=uid_hi[i]`.
+    pub uid_scoped: u32,
+    pub _pad2: u32,
+    pub uid_lo: [u32; MAX_POLICIES_PER_IDENTITY as usize],
+    pub uid_hi: [u32; MAX_POLICIES_PER_IDENTITY as usize],
     /// Agent-wide counter slot of the identity's `i`-th policy.
     pub policy_slots: [u8; MAX_POLICIES_PER_IDENTITY as usize],
 }
@@ -351,7 +357,7 @@ pub struct Event {
     pub names: [[u8; EVENT_NAME_LEN]; EVENT_NAMES],
 }
 
-const _: () = assert!(size_of::<IdentityConfig>() == 24 + MAX_POLICIES_PER_IDENTITY as usize);
+const _: () = assert!(size_of::<IdentityConfig>() == 32 + 9 * MAX_POLICIES_PER_IDENTITY as usize);
 const _: () = assert!(size_of::<NetRule>() == 16);
 const _: () = assert!(size_of::<NetRuleSet>() == 8 + 16 * NET_RULES_PER_PREFIX);
 const _: () = assert!(size_of::<InodeKey>() == 16);

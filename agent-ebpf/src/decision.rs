@@ -49,22 +49,34 @@ pub struct Matches {
     logged_allow: Option<Hit>,
     /// Bit `policy_bit` set for every policy that had a matching allow rule.
     allowed_by: u32,
+    /// Policies that apply to the acting task (see
+    /// `identity::active_policies`); rules of the others are ignored.
+    active: u32,
 }
 
 impl Matches {
     #[inline(always)]
-    pub const fn new() -> Self {
+    pub const fn new(active: u32) -> Self {
         Self {
             enforce_deny: None,
             audit_deny: None,
             logged_allow: None,
             allowed_by: 0,
+            active,
         }
+    }
+
+    #[inline(always)]
+    fn applies(&self, hit: &Hit) -> bool {
+        self.active & (1u32 << (hit.policy_bit as u32 & 31)) != 0
     }
 
     /// Records a rule that denies the request.
     #[inline(always)]
     pub fn deny(&mut self, mode: u8, hit: Hit) {
+        if !self.applies(&hit) {
+            return;
+        }
         if mode == MODE_ENFORCE {
             if self.enforce_deny.is_none() {
                 self.enforce_deny = Some(hit);
@@ -77,6 +89,9 @@ impl Matches {
     /// Records a rule that explicitly allows the request.
     #[inline(always)]
     pub fn allow(&mut self, hit: Hit, log: bool) {
+        if !self.applies(&hit) {
+            return;
+        }
         self.allowed_by |= 1u32 << (hit.policy_bit as u32 & 31);
         if log && self.logged_allow.is_none() {
             self.logged_allow = Some(hit);
@@ -95,6 +110,7 @@ impl Matches {
     /// mode; otherwise allow.
     #[inline(always)]
     pub fn finish(self, deny_enforce: u32, deny_audit: u32) -> Decision {
+        let (deny_enforce, deny_audit) = (deny_enforce & self.active, deny_audit & self.active);
         if let Some(hit) = self.enforce_deny {
             return Decision {
                 verdict: VERDICT_DENY,

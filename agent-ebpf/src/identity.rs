@@ -1,8 +1,14 @@
 //! Which workload the current task belongs to.
 
-use aya_ebpf::helpers::{bpf_get_current_cgroup_id, generated::bpf_get_current_ancestor_cgroup_id};
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_uid_gid,
+    generated::{bpf_get_current_ancestor_cgroup_id, bpf_loop},
+};
 use portcullis_common::{
     COUNTER_UNCLASSIFIED, IDENTITY_UNRESTRICTED, IdentityConfig, MAX_CGROUP_DEPTH,
+    MAX_POLICIES_PER_IDENTITY,
 };
 
 use crate::maps::{IDENTITIES, IDENTITY_CFG, count};
@@ -40,10 +46,61 @@ pub fn current() -> (u64, u32) {
     (cgid, IDENTITY_UNRESTRICTED)
 }
 
+/// The identity's policies (bits) that apply to the current task: all of
+/// them, except `uid`-scoped ones whose uid range excludes the task's uid.
+#[inline(always)]
+pub fn active_policies(cfg: &IdentityConfig) -> u32 {
+    if cfg.uid_scoped == 0 {
+        return u32::MAX;
+    }
+    let mut scan = UidScan {
+        cfg,
+        // SAFETY: helper without pointer arguments.
+        uid: unsafe { bpf_get_current_uid_gid() } as u32,
+        active: u32::MAX,
+    };
+    // bpf_loop: an unrolled loop whose every iteration may clear a bit makes
+    // the verifier walk 2^32 states.
+    // SAFETY: `uid_bit` only touches `scan` through the pointer.
+    unsafe {
+        bpf_loop(
+            MAX_POLICIES_PER_IDENTITY,
+            uid_bit as *mut c_void,
+            (&mut scan as *mut UidScan).cast(),
+            0,
+        )
+    };
+    scan.active
+}
+
+struct UidScan {
+    cfg: *const IdentityConfig,
+    uid: u32,
+    active: u32,
+}
+
+/// Clears bit `i` of `active` when policy `i` is uid-scoped and the uid is
+/// outside its range.
+extern "C" fn uid_bit(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `UidScan`, `cfg` a live map value.
+    let scan = unsafe { &mut *(ctx as *mut UidScan) };
+    let cfg = unsafe { &*scan.cfg };
+    if i >= MAX_POLICIES_PER_IDENTITY as u64 {
+        return 1;
+    }
+    let i = i as usize;
+    if cfg.uid_scoped & (1 << i) != 0 && (scan.uid < cfg.uid_lo[i] || scan.uid > cfg.uid_hi[i]) {
+        scan.active &= !(1 << i);
+    }
+    0
+}
+
 /// The configuration of a restricted identity; `None` is an internal error
 /// (the agent writes the config before it maps any cgroup to the identity).
 #[inline(always)]
-pub fn config(identity: u32) -> Option<IdentityConfig> {
-    // SAFETY: copied out of the map value immediately.
-    unsafe { IDENTITY_CFG.get(&identity).copied() }
+pub fn config(identity: u32) -> Option<&'static IdentityConfig> {
+    // SAFETY: a reference into the map value, not a copy: the config is
+    // too big for the 512-byte BPF stack. Map values stay valid for the
+    // whole program run (RCU), even if the agent deletes the entry.
+    unsafe { IDENTITY_CFG.get(&identity) }
 }

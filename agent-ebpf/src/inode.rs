@@ -26,6 +26,8 @@ pub struct Request {
     pub exe: (u32, u64),
     pub deny_enforce: u32,
     pub deny_audit: u32,
+    /// `identity::active_policies` of the acting task.
+    pub active: u32,
 }
 
 /// What was decided about which inode.
@@ -78,7 +80,7 @@ pub fn decide(
         ino,
         depth: 0,
         err: 0,
-        m: Matches::new(),
+        m: Matches::new(req.active),
     };
     // bpf_loop: the verifier checks one level once, instead of 16 levels x
     // 4 rules x every combination of earlier matches.

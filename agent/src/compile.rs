@@ -525,6 +525,11 @@ fn emit_identity(
         cfg.net_deny_enforce |= shift(pr.cfg.net_deny_enforce);
         cfg.net_deny_audit |= shift(pr.cfg.net_deny_audit);
         cfg.flags |= pr.cfg.flags;
+        if let Some((lo, hi)) = policies[pi].selector.uid {
+            cfg.uid_scoped |= 1 << bit;
+            cfg.uid_lo[bit] = lo;
+            cfg.uid_hi[bit] = hi;
+        }
         let rule = |allow_mask, only_from, subtree: bool, rule_id| InodeRule {
             allow_mask,
             only_from,

@@ -141,7 +141,21 @@ fn workspace_root() -> PathBuf {
 
 /// Runs the probe in `cg` with `args` (see `src/bin/probe.rs`).
 pub fn probe(cg: &Cgroup, args: &[&str]) -> Outcome {
-    let out = probe_output(cg, args);
+    probe_as(cg, None, args)
+}
+
+/// [`probe`], acting as `uid` (and gid) after joining the cgroup.
+pub fn probe_as(cg: &Cgroup, uid: Option<u32>, args: &[&str]) -> Outcome {
+    let mut cmd = Command::new(probe_bin());
+    if let Some(uid) = uid {
+        cmd.env("PORTCULLIS_PROBE_UID", uid.to_string());
+    }
+    let out = cmd
+        .arg(cg.dir_str())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", probe_bin().display()));
     if let Some(sig) = out.status.signal() {
         return Outcome::Killed(sig);
     }

@@ -4,6 +4,7 @@
 //! backend), then changes the policy and checks the call succeeds again.
 
 use portcullis_tests::{
+    probe_as,
     Agent, Cgroup, EPERM, Listener, Outcome, TempDir, policy_header, probe, require_kernel,
 };
 
@@ -411,4 +412,32 @@ fn time_bound_approval_lapses_on_its_own() {
     assert!(log.contains("a time-bound approval lapsed") && log.contains("rules_removed=1"), "{log}");
     let d = agent.wait_decision("deny after the approval", |d| d["workload"]["cgroup"] == cg.path.as_str());
     assert_eq!(d["rule"], "default");
+}
+
+/// A `uid` selector scopes a policy to the tasks of some users inside the
+/// selected cgroups: checked in the kernel per syscall, so root and uid
+/// 4242 in the same cgroup get different answers.
+#[test]
+fn uid_selector_applies_only_to_that_users_tasks() {
+    require_kernel!();
+    let listener = Listener::new("127.0.0.1");
+    let port = listener.port.to_string();
+    let cg = Cgroup::create("uid");
+    let policy = |uid: &str| {
+        format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: by-uid\nspec:\n  selector:\n    cgroupPath: \"{}\"\n    uid: {uid}\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n",
+            cg.path
+        )
+    };
+    let mut agent = Agent::start(&policy("4242"));
+    assert_eq!(probe_as(&cg, Some(4242), &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    assert_eq!(probe_as(&cg, None, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+    assert_eq!(probe_as(&cg, Some(4243), &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+    let d = agent.wait_decision("uid deny line", |d| d["workload"]["cgroup"] == cg.path.as_str());
+    assert_eq!((d["verdict"].as_str(), d["workload"]["uid"].as_u64()), (Some("deny"), Some(4242)));
+
+    // A range covers both users; root stays outside it.
+    assert!(agent.reload(&policy("\"4242-4243\"")));
+    assert_eq!(probe_as(&cg, Some(4243), &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    assert_eq!(probe_as(&cg, None, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
 }

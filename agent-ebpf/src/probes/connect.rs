@@ -101,7 +101,7 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool) -> Result<u8, ()> {
             set: core::ptr::null(),
             port,
             proto,
-            m: Matches::new(),
+            m: Matches::new(identity::active_policies(&cfg)),
         };
         if let Some(set) = NET_RULES.get(&key) {
             scan.set = set;

@@ -67,6 +67,10 @@ pub struct Selector {
     /// Glob over the container name (as in the pod spec). A policy with this
     /// field selects container cgroups only, not the pod's sandbox.
     pub container: Option<String>,
+    /// Inclusive uid range of the acting task. Unlike the other fields it is
+    /// checked in the kernel per syscall (a cgroup holds tasks of many
+    /// uids); alone it selects every cgroup, for tasks of those uids.
+    pub uid: Option<(u32, u32)>,
 }
 
 impl Selector {

@@ -733,6 +733,7 @@ impl<'a> Cx<'a> {
                 "podLabels",
                 "serviceAccount",
                 "container",
+                "uid",
             ]),
         )?;
         f.at = at;
@@ -766,6 +767,26 @@ impl<'a> Cx<'a> {
             }
             None => None,
         };
+        let uid = match f.get("uid") {
+            Some(n) => {
+                let range = match &n.value {
+                    Node::Int(v) => u32::try_from(*v)
+                        .map(|u| (u, u))
+                        .map_err(|_| format!("uid {v} is out of range 0-4294967295")),
+                    Node::Str(s) => parse_uid_range(s),
+                    _ => Err(format!("expected a uid or a range like \"1000-1999\", found {}", self.describe(n))),
+                };
+                match range {
+                    Ok(r) => Some(r),
+                    Err(msg) => {
+                        self.err(n.referenced, &f.path("uid"), msg);
+                        ok = false;
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let any = [
             "cgroupPath",
             "systemdUnit",
@@ -773,6 +794,7 @@ impl<'a> Cx<'a> {
             "podLabels",
             "serviceAccount",
             "container",
+            "uid",
         ]
         .iter()
         .any(|k| f.get(k).is_some());
@@ -784,7 +806,7 @@ impl<'a> Cx<'a> {
             self.err(
                 f.at,
                 "spec.selector",
-                "selector is empty: give at least one of cgroupPath, systemdUnit, namespace, podLabels, serviceAccount or container (cgroupPath: \"/**\" selects every workload)",
+                "selector is empty: give at least one of cgroupPath, systemdUnit, namespace, podLabels, serviceAccount, container or uid (cgroupPath: \"/**\" selects every workload)",
             );
             return None;
         }
@@ -795,6 +817,7 @@ impl<'a> Cx<'a> {
             pod_labels,
             service_account,
             container,
+            uid,
         })
     }
 
@@ -1356,4 +1379,21 @@ fn net_rule_text(cidr: &str, ports: &[(u16, u16)], protocol: Option<u8>) -> Stri
         text.push_str(proto);
     }
     text
+}
+
+/// `"1000"` or `"1000-1999"` (inclusive).
+fn parse_uid_range(s: &str) -> Result<(u32, u32), String> {
+    let num = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("uid '{s}' is not a number or a range (write e.g. 1000 or \"1000-1999\")"))
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(s)?, num(s)?),
+    };
+    if lo > hi {
+        return Err(format!("uid range '{s}': start {lo} is greater than end {hi}"));
+    }
+    Ok((lo, hi))
 }

@@ -569,7 +569,7 @@ fn spec_and_selector_errors() {
             "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: p}}\nspec:\n  exec: {{default: deny}}\n  selector:{sel}\n"
         )
     };
-    let empty = "selector is empty: give at least one of cgroupPath, systemdUnit, namespace, podLabels, serviceAccount or container (cgroupPath: \"/**\" selects every workload)";
+    let empty = "selector is empty: give at least one of cgroupPath, systemdUnit, namespace, podLabels, serviceAccount, container or uid (cgroupPath: \"/**\" selects every workload)";
     assert_error(&with_selector(" {}"), 6, "spec.selector", empty);
     assert_error(
         &with_selector("\n    cgroupPath: kubepods.slice/**"),
@@ -587,7 +587,7 @@ fn spec_and_selector_errors() {
         &with_selector("\n    pod: x"),
         7,
         "spec.selector.pod",
-        "unknown field 'pod', expected one of: cgroupPath, systemdUnit, namespace, podLabels, serviceAccount, container",
+        "unknown field 'pod', expected one of: cgroupPath, systemdUnit, namespace, podLabels, serviceAccount, container, uid",
     );
 
     assert_spec_error(
@@ -1137,4 +1137,20 @@ fn time_bound_approvals_parse_and_are_checked() {
         "spec.exec.deny[0]",
         "expected a string, found a mapping",
     );
+}
+
+#[test]
+fn uid_selector_parses_numbers_and_ranges() {
+    let text = |uid: &str| format!("{}  exec:\n    default: allow\n", HEAD.replace("    cgroupPath: /a/**\n", &format!("    cgroupPath: /a/**\n    uid: {uid}\n")));
+    assert_eq!(parse_one(&text("1000")).selector.uid, Some((1000, 1000)));
+    assert_eq!(parse_one(&text("\"1000-1999\"")).selector.uid, Some((1000, 1999)));
+    let only_uid = "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: p\nspec:\n  selector:\n    uid: 0\n  exec:\n    default: allow\n";
+    assert_eq!(parse_one(only_uid).selector.uid, Some((0, 0)));
+    for (uid, message) in [
+        ("\"9-3\"", "uid range '9-3': start 9 is greater than end 3"),
+        ("-1", "uid -1 is out of range 0-4294967295"),
+        ("root", "uid 'root' is not a number or a range (write e.g. 1000 or \"1000-1999\")"),
+    ] {
+        assert_error(&text(uid), 8, "spec.selector.uid", message);
+    }
 }

@@ -5,7 +5,8 @@
 //!
 //! Ops: `connect IP PORT [tcp|udp]`, `sendto IP PORT`, `read PATH`,
 //! `write PATH`, `read-in DIR RELPATH` (chdir, then a relative open),
-//! `exec PATH [ARGS..]`, and
+//! `exec PATH [ARGS..]`, and (with `PORTCULLIS_PROBE_UID=N` it switches to
+//! uid and gid N after joining the cgroup)
 //! `hammer SECS ALLOW_IP ALLOW_PORT DENY_IP DENY_PORT ALLOW_FILE`: for SECS
 //! seconds, loops an allowed connect, a denied connect and an allowed read,
 //! and prints `{"rounds":N,"violations":V,"first":"..."}` (V counts allowed
@@ -58,6 +59,14 @@ fn main() -> ExitCode {
     if let Err(e) = join_cgroup(cgroup) {
         eprintln!("joining cgroup {cgroup}: {e}");
         return ExitCode::from(3);
+    }
+    // Act as another user (uid selectors): after joining, which needs root.
+    if let Some(uid) = std::env::var("PORTCULLIS_PROBE_UID").ok().and_then(|u| u.parse::<u32>().ok()) {
+        let id = nix::unistd::Uid::from_raw(uid);
+        if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).and_then(|()| nix::unistd::setuid(id)) {
+            eprintln!("becoming uid {uid}: {e}");
+            return ExitCode::from(3);
+        }
     }
     let result = match (op.as_str(), rest) {
         ("connect", [ip, port]) | ("connect", [ip, port, _])
