@@ -354,6 +354,11 @@ impl State {
         for cg in fresh {
             self.classify(cg);
         }
+        // Pod cgroups classified by path while the runtime was unreachable
+        // get their pod selectors now: a full pass re-reads every pod.
+        if self.pods.take_recovered() {
+            self.reload("CRI runtime reachable again");
+        }
     }
 }
 

@@ -219,23 +219,41 @@ state = "{d}/state"
             runtime = std::env::var("PORTCULLIS_OCI_RUNTIME").unwrap_or_else(|_| "runc".into()),
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
-            .spawn()
-            .expect("starting containerd");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
+        let (child, client) = Self::launch(dir, &socket, &rt);
+        Self {
+            child,
+            socket,
+            dir: dir.to_path_buf(),
+            rt,
+            client,
+            sandboxes: Vec::new(),
+        }
+    }
+
+    /// Starts containerd on the config in `dir` and waits for its CRI.
+    fn launch(dir: &Path, socket: &Path, rt: &tokio::runtime::Runtime) -> (Child, CriClient) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("containerd.log"))
+            .unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
         let start = Instant::now();
         let client = loop {
             let attempt = rt.block_on(async {
-                let mut c = CriClient::connect(socket.clone(), Duration::from_secs(30))
+                let mut c = CriClient::connect(socket.to_path_buf(), Duration::from_secs(30))
                     .await
                     .ok()?;
                 c.version().await.ok()?;
@@ -252,14 +270,25 @@ state = "{d}/state"
             );
             std::thread::sleep(Duration::from_millis(100));
         };
-        Self {
-            child,
-            socket,
-            dir: dir.to_path_buf(),
-            rt,
-            client,
-            sandboxes: Vec::new(),
-        }
+        (child, client)
+    }
+
+    /// Stops containerd (SIGTERM); the pods' shims and containers keep
+    /// running, as on a node where the runtime restarts.
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+
+    /// Starts containerd again on the same root and state: it recovers the
+    /// running pods.
+    fn restart(&mut self) {
+        let (child, client) = Self::launch(&self.dir, &self.socket, &self.rt);
+        self.child = child;
+        self.client = client;
     }
 
     fn import(&self, archive: &Path) {
@@ -704,4 +733,108 @@ spec:
         |a| a.metric("portcullis_map_entries{map=\"identities\"}") <= identities_before,
     );
     let _ = (&triton.sandbox, &neighbour.sandbox);
+}
+
+/// The agent starts while the runtime is down (a node where containerd
+/// restarts): pods are governed by path meanwhile (their ancestors'
+/// identity), and once the runtime answers again the agent re-reads every
+/// pod and their pod selectors apply, without a restart or a policy edit.
+#[test]
+fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
+    require_kernel!();
+    if let Some(why) = missing_parts() {
+        eprintln!("SKIP: cri: {why}");
+        return;
+    }
+    let tmp = TempDir::new("cri-restart");
+    let top = unique("portcullis-k8s");
+    let _tree = CgroupTree(top.clone());
+    let kubelet_root = tmp.path("kubelet");
+    let shared = tmp.path("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let listener = Listener::new("127.0.0.1");
+    let image = build_image(&tmp.path("image"));
+    let ctrd_dir = tmp.path("containerd");
+    std::fs::create_dir_all(&ctrd_dir).unwrap();
+    let mut ctrd = Containerd::start(&ctrd_dir);
+    ctrd.import(&image);
+    let spec = PodSpec {
+        name: "triton-1",
+        namespace: "ml",
+        service_account: "triton",
+        labels: &[("app", "triton")],
+        container: "server",
+        script: "exec sleep 1000000".into(),
+    };
+    let pod = create_pod(&mut ctrd, &top, &spec, &shared, &kubelet_root);
+    let container_cgroup = cgroup_root()
+        .join(pod.cgroup_parent.trim_start_matches('/'))
+        .join(&pod.container);
+    assert!(container_cgroup.is_dir(), "{}", container_cgroup.display());
+
+    ctrd.stop();
+    let policy = format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: triton}}\nspec:\n  selector:\n    podLabels: {{app: triton}}\n  network:\n    egress:\n      deny: [{{cidr: 127.0.0.1/32, ports: [\"{}\"]}}]\n",
+        listener.port
+    );
+    let socket = ctrd.socket.display().to_string();
+    let kubelet = kubelet_root.display().to_string();
+    let mut agent = Agent::start_with(
+        &policy,
+        &[
+            "--cri-socket",
+            &socket,
+            "--kubelet-root",
+            &kubelet,
+            "--rescan-interval",
+            "1",
+        ],
+    );
+    // A process in the container's cgroup (joined from the host, as the
+    // kernel sees it the same).
+    let connect = || {
+        let out = Command::new(probe_bin())
+            .arg(&container_cgroup)
+            .args(["connect", "127.0.0.1", &listener.port.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = connect();
+    assert!(
+        out.contains("\"ok\":true"),
+        "runtime down: classified by path only: {out}"
+    );
+    assert!(
+        agent.log().contains("CRI runtime unavailable"),
+        "{}",
+        agent.log()
+    );
+
+    ctrd.restart();
+    let start = Instant::now();
+    loop {
+        let out = connect();
+        if out.contains(&format!("\"errno\":{}", libc::EPERM)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "pod selector never applied after the runtime came back: {out}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        agent.log().contains("CRI runtime reachable again"),
+        "{}",
+        agent.log()
+    );
+}
+
+fn probe_bin() -> PathBuf {
+    std::env::var_os("PORTCULLIS_PROBE").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portcullis-probe"),
+        PathBuf::from,
+    )
 }

@@ -122,14 +122,27 @@ mod tests {
 
     /// [`parse`] without `pod_path` (checked on its own below).
     fn parsed(path: &str) -> Option<PodCgroup> {
-        parse(path).map(|p| PodCgroup { pod_path: String::new(), ..p })
+        parse(path).map(|p| PodCgroup {
+            pod_path: String::new(),
+            ..p
+        })
     }
 
     #[test]
     fn pod_level_path() {
-        let p = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice");
-        assert_eq!(parse(&format!("{p}/cri-containerd-{ID}.scope/x")).unwrap().pod_path, p);
-        assert_eq!(parse(&format!("/kubepods/pod{UID}/{ID}")).unwrap().pod_path, format!("/kubepods/pod{UID}"));
+        let p = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice"
+        );
+        assert_eq!(
+            parse(&format!("{p}/cri-containerd-{ID}.scope/x"))
+                .unwrap()
+                .pod_path,
+            p
+        );
+        assert_eq!(
+            parse(&format!("/kubepods/pod{UID}/{ID}")).unwrap().pod_path,
+            format!("/kubepods/pod{UID}")
+        );
     }
 
     fn pod(container: Option<&str>, runtime: Option<Runtime>) -> Option<PodCgroup> {

@@ -120,6 +120,9 @@ pub struct Resolver {
     /// Last failed connect, to retry at most every few seconds and log once.
     down_since: Option<Instant>,
     logged_down: bool,
+    /// The runtime answered again after being unreachable: cgroups
+    /// classified by path meanwhile should be looked at again.
+    recovered: bool,
     pods: HashMap<String, Pod>,
     containers: HashMap<String, cri::Container>,
 }
@@ -131,6 +134,7 @@ impl Resolver {
             client: None,
             down_since: None,
             logged_down: false,
+            recovered: false,
             pods: HashMap::new(),
             containers: HashMap::new(),
         }
@@ -139,6 +143,22 @@ impl Resolver {
     /// Whether a CRI socket is configured at all.
     pub fn enabled(&self) -> bool {
         self.cfg.cri_socket.is_some()
+    }
+
+    /// Whether the runtime became reachable again since the last call (pod
+    /// cgroups classified by path while it was down need a full pass).
+    /// Retries an unreachable runtime (at most every few seconds) first, so
+    /// recovery is noticed even when no new pod cgroup asks.
+    pub fn take_recovered(&mut self) -> bool {
+        if self.enabled() && self.client.is_none() && self.down_since.is_some() {
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| {
+                handle.block_on(async {
+                    let _ = self.client().await;
+                })
+            });
+        }
+        std::mem::take(&mut self.recovered)
     }
 
     /// Number of pods in the cache (for logs and tests).
@@ -166,6 +186,7 @@ impl Resolver {
                             "pod metadata from the CRI runtime"
                         );
                         self.client = Some(c);
+                        self.recovered |= self.down_since.is_some();
                         self.down_since = None;
                         self.logged_down = false;
                     }
@@ -272,7 +293,9 @@ impl Resolver {
     /// single round trip instead of listing everything, because this runs
     /// while the new container's first process is starting.
     async fn fetch_container(&mut self, id: &str) -> bool {
-        let Some(client) = self.client().await else { return false };
+        let Some(client) = self.client().await else {
+            return false;
+        };
         let mut client = client.clone();
         match client.container_status(id).await {
             Ok(st) if st.id == id => {
@@ -297,13 +320,21 @@ impl Resolver {
     /// can be classified too, so containers created in the pod later inherit
     /// the pod's identity (namespace, labels and service account are
     /// pod-wide) from their first instruction, before their own lookup.
-    pub fn pod_level(&self, root: &std::path::Path, path: &str, meta: &PodMetadata) -> Option<CgroupInfo> {
+    pub fn pod_level(
+        &self,
+        root: &std::path::Path,
+        path: &str,
+        meta: &PodMetadata,
+    ) -> Option<CgroupInfo> {
         let pc = cgroup_path::parse(path)?;
         if pc.pod_path == path {
             return None;
         }
         let mut cg = crate::identity::lookup(root, &pc.pod_path)?;
-        cg.pod = Lookup::Known(Arc::new(PodMetadata { container: None, ..meta.clone() }));
+        cg.pod = Lookup::Known(Arc::new(PodMetadata {
+            container: None,
+            ..meta.clone()
+        }));
         Some(cg)
     }
 
