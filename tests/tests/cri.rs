@@ -779,7 +779,7 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
     );
     let socket = ctrd.socket.display().to_string();
     let kubelet = kubelet_root.display().to_string();
-    let mut agent = Agent::start_with(
+    let agent = Agent::start_with(
         &policy,
         &[
             "--cri-socket",
