@@ -248,7 +248,10 @@ fn policies_directory_loads_top_level_files_only() {
 
     let both = load_paths(&[policies_dir(), policies_dir().join("examples")]).unwrap();
     let names: Vec<&str> = both.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["portcullis-default", "inference-serving"]);
+    assert_eq!(
+        names,
+        ["portcullis-default", "inference-serving", "triton-pods", "triton-server-no-debuggers"]
+    );
 }
 
 #[test]
