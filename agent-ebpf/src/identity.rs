@@ -55,8 +55,7 @@ pub fn active_policies(cfg: &IdentityConfig) -> u32 {
     }
     let mut scan = UidScan {
         cfg,
-        // SAFETY: helper without pointer arguments.
-        uid: unsafe { bpf_get_current_uid_gid() } as u32,
+        uid: bpf_get_current_uid_gid() as u32,
         active: u32::MAX,
     };
     // bpf_loop: an unrolled loop whose every iteration may clear a bit makes

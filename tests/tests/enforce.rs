@@ -385,28 +385,34 @@ fn time_bound_approval_lapses_on_its_own() {
     let listener = Listener::new("127.0.0.1");
     let port = listener.port.to_string();
     let cg = Cgroup::create("approval");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    // Long enough for the agent to start (slow under the VM matrix's TCG).
-    let margin = if std::env::var_os("PORTCULLIS_VM").is_some() { 30 } else { 4 };
-    let until = now + margin;
-    let stamp = std::process::Command::new("date")
-        .args(["-u", "-d", &format!("@{until}"), "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .unwrap();
-    let stamp = String::from_utf8(stamp.stdout).unwrap().trim().to_owned();
-    let policy = egress_policy(
-        &cg,
-        "enforce",
-        &format!(
-            "      default: deny\n      allow:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"], until: \"{stamp}\" }}\n"
-        ),
-    );
-    let mut agent = Agent::start(&policy);
-    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+    let with_until = |until: u64| {
+        let stamp = std::process::Command::new("date")
+            .args(["-u", "-d", &format!("@{until}"), "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .unwrap();
+        let stamp = String::from_utf8(stamp.stdout).unwrap().trim().to_owned();
+        egress_policy(
+            &cg,
+            "enforce",
+            &format!(
+                "      default: deny\n      allow:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"], until: \"{stamp}\" }}\n"
+            ),
+        )
+    };
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // Start with an approval that lapsed long ago (compiled as absent), then
+    // grant a short one by reload: the agent's start-up time (slow under
+    // load or TCG) does not eat into it.
+    let mut agent = Agent::start(&with_until(now() - 3600));
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
+    let margin = if std::env::var_os("PORTCULLIS_VM").is_some() { 20 } else { 5 };
+    let until = now() + margin;
+    assert!(agent.reload(&with_until(until)));
+    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Ok(0), "approval in force");
     agent.wait_until("the approval to lapse", std::time::Duration::from_secs(margin + 15), |_| {
         probe(&cg, &["connect", "127.0.0.1", &port]) == Outcome::Errno(EPERM)
     });
-    let lapsed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let lapsed_at = now();
     assert!(lapsed_at >= until, "denied at {lapsed_at}, before the approval's end {until}");
     let log = agent.log();
     assert!(log.contains("a time-bound approval lapsed") && log.contains("rules_removed=1"), "{log}");
