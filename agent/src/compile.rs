@@ -202,11 +202,19 @@ pub fn select(policies: &[Policy], cgroup_path: &str) -> Vec<usize> {
 
 /// Which policies select `cg`, pod metadata included.
 pub fn select_cgroup(policies: &[Policy], cg: &CgroupInfo) -> Vec<usize> {
-    let pod = match &cg.pod {
-        Lookup::Known(meta) => Some(meta.as_ref()),
-        _ => None,
-    };
-    select_pod(policies, &cg.path, pod)
+    match &cg.pod {
+        Lookup::Known(meta) => select_pod(policies, &cg.path, Some(meta)),
+        // Labels and container unknown: only policies that do not ask for
+        // them can match.
+        Lookup::Partial(meta) => select_pod(policies, &cg.path, Some(meta))
+            .into_iter()
+            .filter(|&i| {
+                policies[i].selector.pod_labels.is_none()
+                    && policies[i].selector.container.is_none()
+            })
+            .collect(),
+        _ => select_pod(policies, &cg.path, None),
+    }
 }
 
 /// Every given selector field must match; a pod field needs known metadata

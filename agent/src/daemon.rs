@@ -314,6 +314,9 @@ impl State {
             return;
         }
         tracing::debug!(cgroup = %cg.path, identity, pod = ?cg.pod, "classified new cgroup");
+        if matches!(cg.pod, pod::Lookup::Partial(_)) {
+            self.pods.provisional(cg.id, cg.path.clone());
+        }
         compiled.cgroups.insert(cg.id, identity);
         compiled.cgroup_paths.insert(cg.id, cg.path);
         self.metrics.cgroups_classified.inc();
@@ -352,6 +355,15 @@ impl State {
         // One CRI refresh for the whole batch, not one per cgroup.
         self.pods.annotate_blocking(&mut fresh);
         for cg in fresh {
+            self.classify(cg);
+        }
+        // Cgroups classified from the kubelet's token alone (namespace and
+        // service account) get their full identity once the runtime
+        // reports their pod.
+        for cg in self.pods.settle_provisional_blocking(&self.root) {
+            let mut compiled = (*self.compiled).clone();
+            compiled.cgroups.remove(&cg.id);
+            self.compiled = Arc::new(compiled);
             self.classify(cg);
         }
         // Pod cgroups classified by path while the runtime was unreachable
@@ -450,6 +462,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             links = retired,
             "detached the programs of an earlier instance"
         );
+    }
+    if let Some(pins) = &kernel.pins {
+        let stale = pins.remove_stale_maps()?;
+        if stale > 0 {
+            tracing::info!(maps = stale, "removed maps an agent of another map layout pinned");
+        }
     }
     state.policies = policies;
     state.fingerprint = fingerprint(&cfg.policy_paths);

@@ -335,6 +335,8 @@ struct PodSpec<'a> {
     container: &'a str,
     /// The container's command, run by `sh -c`.
     script: String,
+    /// A pod UID chosen by the caller (a pod the "kubelet" already set up).
+    uid: Option<String>,
 }
 
 fn pod_uid() -> String {
@@ -371,7 +373,7 @@ fn create_pod(
     shared: &Path,
     kubelet_root: &Path,
 ) -> Pod {
-    let uid = pod_uid();
+    let uid = spec.uid.clone().unwrap_or_else(pod_uid);
     // The kubelet sets up the pod's volumes (the token among them) before
     // it asks the runtime for the sandbox.
     project_token(kubelet_root, &uid, spec.namespace, spec.service_account);
@@ -612,6 +614,7 @@ spec:
         labels: &[("app", "triton")],
         container: "server",
         script: first_connect.clone(),
+        uid: None,
     };
     let neighbour_spec = PodSpec {
         name: "builder-0",
@@ -620,6 +623,7 @@ spec:
         labels: &[("app", "builder")],
         container: "worker",
         script: first_connect.clone(),
+        uid: None,
     };
     let triton = create_pod(&mut ctrd, &top, &triton_spec, &shared, &kubelet_root);
     let neighbour = create_pod(&mut ctrd, &top, &neighbour_spec, &shared, &kubelet_root);
@@ -765,6 +769,7 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
         labels: &[("app", "triton")],
         container: "server",
         script: "exec sleep 1000000".into(),
+        uid: None,
     };
     let pod = create_pod(&mut ctrd, &top, &spec, &shared, &kubelet_root);
     let container_cgroup = cgroup_root()
@@ -837,4 +842,101 @@ fn probe_bin() -> PathBuf {
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portcullis-probe"),
         PathBuf::from,
     )
+}
+
+/// The kubelet creates a pod's cgroup and projects its service account token
+/// before it asks the runtime for the sandbox. In that gap the pod gets its
+/// namespace's policies (namespace and service account come from the
+/// token), never a free pass; label selectors apply once the runtime
+/// reports the pod.
+#[test]
+fn namespace_default_applies_before_the_runtime_reports_the_pod() {
+    require_kernel!();
+    if let Some(why) = missing_parts() {
+        eprintln!("SKIP: cri: {why}");
+        return;
+    }
+    let tmp = TempDir::new("cri-ns");
+    let top = unique("portcullis-k8s");
+    let _tree = CgroupTree(top.clone());
+    let kubelet_root = tmp.path("kubelet");
+    let shared = tmp.path("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let (ns_port, label_port) = (Listener::new("127.0.0.1"), Listener::new("127.0.0.1"));
+    let image = build_image(&tmp.path("image"));
+    let ctrd_dir = tmp.path("containerd");
+    std::fs::create_dir_all(&ctrd_dir).unwrap();
+    let mut ctrd = Containerd::start(&ctrd_dir);
+    ctrd.import(&image);
+    let policy = format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: ml-namespace}}\nspec:\n  selector: {{namespace: ml, serviceAccount: triton}}\n  network:\n    egress:\n      deny: [{{cidr: 127.0.0.1/32, ports: [\"{}\"]}}]\n---\napiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: triton}}\nspec:\n  selector: {{podLabels: {{app: triton}}}}\n  network:\n    egress:\n      deny: [{{cidr: 127.0.0.1/32, ports: [\"{}\"]}}]\n",
+        ns_port.port, label_port.port
+    );
+    let socket = ctrd.socket.display().to_string();
+    let kubelet = kubelet_root.display().to_string();
+    let agent = Agent::start_with(
+        &policy,
+        &[
+            "--cri-socket",
+            &socket,
+            "--kubelet-root",
+            &kubelet,
+            "--rescan-interval",
+            "1",
+        ],
+    );
+
+    // The kubelet's part: token, then the pod-level cgroup.
+    let uid = pod_uid();
+    project_token(&kubelet_root, &uid, "ml", "triton");
+    let pod_cgroup = cgroup_root().join(format!("{top}/kubepods/besteffort/pod{uid}"));
+    std::fs::create_dir_all(&pod_cgroup).unwrap();
+    let connect = |port: u16| {
+        let out = Command::new(probe_bin())
+            .arg(&pod_cgroup)
+            .args(["connect", "127.0.0.1", &port.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let eperm = format!("\"errno\":{}", libc::EPERM);
+    let start = Instant::now();
+    while !connect(ns_port.port).contains(&eperm) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "namespace policy never applied to the pod-level cgroup\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = connect(label_port.port);
+    assert!(
+        out.contains("\"ok\":true"),
+        "labels are not known yet: {out}"
+    );
+
+    // The runtime's part: the sandbox, in the cgroup the kubelet made.
+    let spec = PodSpec {
+        name: "triton-2",
+        namespace: "ml",
+        service_account: "triton",
+        labels: &[("app", "triton")],
+        container: "server",
+        script: "exec sleep 1000000".into(),
+        uid: Some(uid.clone()),
+    };
+    create_pod(&mut ctrd, &top, &spec, &shared, &kubelet_root);
+    let start = Instant::now();
+    while !connect(label_port.port).contains(&eperm) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "label policy never applied once the runtime reported the pod\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        connect(ns_port.port).contains(&eperm),
+        "namespace policy still applies"
+    );
 }

@@ -73,6 +73,12 @@ pub enum Lookup {
     #[default]
     NotPod,
     Known(Arc<PodMetadata>),
+    /// The runtime does not report the pod yet, but the kubelet has already
+    /// projected its service account token, which names the namespace and
+    /// the service account: policies selecting only by those (and by path)
+    /// can apply — the namespace's default — while label and container
+    /// selectors wait for the runtime. Looked up again at each rescan.
+    Partial(Arc<PodMetadata>),
     /// A pod cgroup the runtime does not (yet) report: leave it unclassified
     /// so it keeps its ancestor's identity, and ask again later.
     Pending,
@@ -125,6 +131,9 @@ pub struct Resolver {
     recovered: bool,
     pods: HashMap<String, Pod>,
     containers: HashMap<String, cri::Container>,
+    /// Cgroups classified from [`Lookup::Partial`] metadata, by id: looked
+    /// up again until the runtime reports them.
+    provisional: HashMap<u64, String>,
 }
 
 impl Resolver {
@@ -137,6 +146,7 @@ impl Resolver {
             recovered: false,
             pods: HashMap::new(),
             containers: HashMap::new(),
+            provisional: HashMap::new(),
         }
     }
 
@@ -159,6 +169,35 @@ impl Resolver {
             });
         }
         std::mem::take(&mut self.recovered)
+    }
+
+    /// Records a cgroup classified from partial metadata.
+    pub fn provisional(&mut self, id: u64, path: String) {
+        self.provisional.insert(id, path);
+    }
+
+    /// Cgroups classified from partial metadata whose full metadata is now
+    /// known (one refresh for all of them), removed from the provisional
+    /// set; cgroups that are gone are dropped from it too.
+    pub fn settle_provisional_blocking(&mut self, root: &std::path::Path) -> Vec<CgroupInfo> {
+        if self.provisional.is_empty() {
+            return Vec::new();
+        }
+        let mut cgroups: Vec<CgroupInfo> = Vec::new();
+        self.provisional
+            .retain(|_, path| match crate::identity::lookup(root, path) {
+                Some(cg) => {
+                    cgroups.push(cg);
+                    true
+                }
+                None => false,
+            });
+        self.annotate_blocking(&mut cgroups);
+        cgroups.retain(|cg| matches!(cg.pod, Lookup::Known(_)));
+        for cg in &cgroups {
+            self.provisional.remove(&cg.id);
+        }
+        cgroups
     }
 
     /// Number of pods in the cache (for logs and tests).
@@ -265,6 +304,20 @@ impl Resolver {
         Ok(())
     }
 
+    /// What the kubelet's files say about a pod the runtime does not report
+    /// yet (see [`Lookup::Partial`]); [`Lookup::Pending`] without a token.
+    fn partial(&self, pc: &PodCgroup) -> Lookup {
+        match service_account::read(&self.cfg.kubelet_root, &pc.pod_uid) {
+            Some(t) => Lookup::Partial(Arc::new(PodMetadata {
+                uid: pc.pod_uid.clone(),
+                namespace: t.namespace,
+                service_account: Some(t.name),
+                ..Default::default()
+            })),
+            None => Lookup::Pending,
+        }
+    }
+
     fn answer(&self, pc: &PodCgroup) -> Option<PodMetadata> {
         let pod = self.pods.get(&pc.pod_uid)?;
         let mut meta = pod.meta.clone();
@@ -368,7 +421,7 @@ impl Resolver {
                 return Lookup::Known(Arc::new(meta));
             }
             if pc.container_id.is_none() || Instant::now() >= deadline {
-                return Lookup::Pending;
+                return self.partial(&pc);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -391,9 +444,12 @@ impl Resolver {
                 Some(_) if !available => Lookup::Unavailable,
                 Some(pc) => match self.answer(&pc) {
                     Some(meta) => Lookup::Known(Arc::new(meta)),
-                    None => Lookup::Pending,
+                    None => self.partial(&pc),
                 },
             };
+            if matches!(cg.pod, Lookup::Partial(_)) {
+                self.provisional.insert(cg.id, cg.path.clone());
+            }
         }
     }
 
