@@ -469,6 +469,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             tracing::info!(maps = stale, "removed maps an agent of another map layout pinned");
         }
     }
+    if let Some(pins) = &kernel.pins {
+        let stale = pins.remove_stale_maps()?;
+        if stale > 0 {
+            tracing::info!(maps = stale, "removed maps an agent of another map layout pinned");
+        }
+    }
     state.policies = policies;
     state.fingerprint = fingerprint(&cfg.policy_paths);
     tracing::info!(

@@ -147,6 +147,23 @@ impl PinDir {
         Ok(paths)
     }
 
+    /// Unpins maps of other layout versions (`maps-v<N>` of an older
+    /// agent). Call once no link of that agent is left: its programs were
+    /// the maps' last users.
+    pub fn remove_stale_maps(&self) -> Result<usize, PinError> {
+        let current = maps_dir(&self.root);
+        let entries = std::fs::read_dir(&self.root).map_err(|source| PinError::Read { path: self.root.clone(), source })?;
+        let mut removed = 0;
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let stale = entry.file_name().to_string_lossy().starts_with("maps-v") && path != current;
+            if stale {
+                removed += uninstall(&path)?;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Unpins this instance's links (they detach when the agent's own file
     /// descriptors close at exit). Used by `--detach-on-exit`.
     pub fn remove_own_links(&self) -> Result<(), PinError> {

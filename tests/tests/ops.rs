@@ -70,7 +70,28 @@ fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
         &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"),
     );
 
+    // Maps an agent of another map layout left behind: removed once no
+    // program of that agent is left.
+    let stale = pins.0.join("maps-v0");
+    std::fs::create_dir_all(&stale).unwrap();
+    // bpftool is installed by `cargo xtask setup`; the VM guest has none.
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create", &stale.join("OLD").display().to_string()])
+        .args(["type", "hash", "key", "4", "value", "4", "entries", "1", "name", "old"])
+        .status();
+    let check_stale = match made {
+        Ok(st) => {
+            assert!(st.success(), "bpftool map create");
+            true
+        }
+        Err(e) => {
+            eprintln!("NOTE: no bpftool ({e}): stale-map removal not checked here");
+            false
+        }
+    };
+
     let mut first = Agent::start_with(&deny, &["--pin-dir", &pin_arg]);
+    assert!(!check_stale || !stale.exists(), "stale maps of another layout removed");
     assert_eq!(
         probe(&cg, &["connect", "127.0.0.1", &port]),
         Outcome::Errno(EPERM)
