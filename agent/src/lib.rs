@@ -11,6 +11,7 @@ pub mod identity;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod mounts;
 pub mod pin;
 pub mod slots;
 pub mod pod;

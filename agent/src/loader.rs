@@ -562,16 +562,7 @@ fn attach(
 fn bpf_lsm_enabled() -> bool {
     let list = Path::new(SECURITYFS).join("lsm");
     if !list.exists() {
-        let r = nix::mount::mount(
-            Some("securityfs"),
-            SECURITYFS,
-            Some("securityfs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        );
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "mounting securityfs at {SECURITYFS}");
-        }
+        crate::mounts::mount_pseudo_fs("securityfs", Path::new(SECURITYFS));
     }
     match std::fs::read_to_string(&list) {
         Ok(s) => s.trim().split(',').any(|l| l == "bpf"),

@@ -188,16 +188,7 @@ fn is_bpffs(path: &Path) -> bool {
 fn mount_bpffs_if_needed(root: &Path) {
     let bpffs = Path::new("/sys/fs/bpf");
     if root.starts_with(bpffs) && !is_bpffs(bpffs) {
-        let r = nix::mount::mount(
-            Some("bpf"),
-            bpffs,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        );
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "mounting bpffs at /sys/fs/bpf");
-        }
+        crate::mounts::mount_pseudo_fs("bpf", bpffs);
     }
 }
 

@@ -57,6 +57,11 @@ fn egress(cg: &Cgroup, body: &str) -> String {
     )
 }
 
+/// A policy denying `cg` connects to 127.0.0.1:`port`.
+fn deny_port(cg: &Cgroup, port: &str) -> String {
+    egress(cg, &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"))
+}
+
 #[test]
 fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
     require_kernel!();
@@ -65,10 +70,7 @@ fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
     let cg = Cgroup::create("pinned");
     let pins = Pins(pin_dir());
     let pin_arg = pins.0.display().to_string();
-    let deny = egress(
-        &cg,
-        &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"),
-    );
+    let deny = deny_port(&cg, &port);
 
     // Maps an agent of another map layout left behind: removed once no
     // program of that agent is left.
@@ -170,10 +172,7 @@ fn detach_on_exit_stops_enforcement_with_the_agent() {
     let cg = Cgroup::create("detach");
     let pins = Pins(pin_dir());
     let pin_arg = pins.0.display().to_string();
-    let deny = egress(
-        &cg,
-        &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"),
-    );
+    let deny = deny_port(&cg, &port);
     let agent = Agent::start_with(&deny, &["--pin-dir", &pin_arg, "--detach-on-exit"]);
     assert_eq!(
         probe(&cg, &["connect", "127.0.0.1", &port]),
@@ -332,7 +331,7 @@ fn metrics_move_with_real_syscalls() {
     let other = Listener::new("127.0.0.1");
     let port = listener.port.to_string();
     let cg = Cgroup::create("metrics");
-    let deny = egress(&cg, &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"));
+    let deny = deny_port(&cg, &port);
     let agent = Agent::start(&deny);
     assert_eq!(agent.http("/healthz").map(|r| r.0), Some(200));
     assert_eq!(agent.http("/readyz").map(|r| r.0), Some(200));
