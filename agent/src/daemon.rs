@@ -174,8 +174,10 @@ impl State {
         }
     }
 
-    fn publish(&mut self, compiled: Compiled) {
-        for w in &compiled.warnings {
+    fn publish(&mut self, mut compiled: Compiled) {
+        // Warnings are logged once, by the compile that found them; cgroups
+        // classified later republish the same generation.
+        for w in compiled.warnings.drain(..) {
             tracing::warn!("{w}");
         }
         self.next_identity = compiled
