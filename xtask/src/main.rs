@@ -3,9 +3,11 @@
 //! - `setup`: installs what a fresh machine lacks (idempotent).
 //! - `run`:   set-up, build, and run the agent on `policies/default.yaml`.
 //! - `test`:  set-up, build, and run every test, then the VM matrix.
+//! - `bench`: benchmarks against no agent and peers; writes `bench/REPORT.md`.
 //! - `vm`:    boot Debian kernels under QEMU and run the kernel tests inside
 //!            (BPF-LSM on and off); see `vm.rs`.
 
+mod bench;
 mod setup;
 mod vm;
 
@@ -43,6 +45,13 @@ enum Cmd {
     /// Boot Debian kernels under QEMU (BPF-LSM on and off) and run the
     /// kernel and end-to-end tests inside each.
     Vm,
+    /// Benchmark the agent against no agent and against nftables/fanotify
+    /// peers; writes bench/REPORT.md and SVG plots (needs root).
+    Bench {
+        /// A reduced run (under 2 minutes) written to bench/out/quick/.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -76,6 +85,7 @@ fn main() -> Result<()> {
             vms
         }
         Cmd::Vm => vm::run(&root),
+        Cmd::Bench { quick } => bench::run(&root, quick),
     }
 }
 
