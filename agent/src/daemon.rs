@@ -291,6 +291,12 @@ impl State {
         if let pod::Lookup::Known(meta) = &cg.pod
             && let Some(pod_cg) = self.pods.pod_level(&self.root, &cg.path, meta)
         {
+            // Classified from the token alone so far: labels are known now.
+            if self.pods.forget_provisional(pod_cg.id) {
+                let mut compiled = (*self.compiled).clone();
+                compiled.cgroups.remove(&pod_cg.id);
+                self.compiled = Arc::new(compiled);
+            }
             self.classify(pod_cg);
         }
         let set = compile::select_cgroup(&self.policies, &cg);
@@ -316,7 +322,7 @@ impl State {
             return;
         }
         tracing::debug!(cgroup = %cg.path, identity, pod = ?cg.pod, "classified new cgroup");
-        if matches!(cg.pod, pod::Lookup::Partial(_)) {
+        if cg.pod.is_provisional() {
             self.pods.provisional(cg.id, cg.path.clone());
         }
         compiled.cgroups.insert(cg.id, identity);

@@ -29,6 +29,14 @@ use portcullis_tests::{Agent, Listener, TempDir, cgroup_root, require_kernel, un
 
 const IMAGE: &str = "localhost/portcullis/busybox:test";
 
+/// One containerd at a time: each test runs its own runtime and agent, and
+/// on two cores three of each at once only measures the scheduler.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Why this machine cannot run a real containerd, if it cannot.
 fn missing_parts() -> Option<String> {
     for bin in ["containerd", "ctr", "runc", "tar", "sha256sum"] {
@@ -528,6 +536,7 @@ fn pod_label_selector_blocks_connect_exec_open_in_the_selected_container_only() 
         eprintln!("SKIP: cri: {why}");
         return;
     }
+    let _serial = serial();
     let tmp = TempDir::new("cri");
     eprintln!("scratch: {}", tmp.0.display());
     let top = unique("portcullis-k8s");
@@ -750,6 +759,7 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
         eprintln!("SKIP: cri: {why}");
         return;
     }
+    let _serial = serial();
     let tmp = TempDir::new("cri-restart");
     let top = unique("portcullis-k8s");
     let _tree = CgroupTree(top.clone());
@@ -856,6 +866,7 @@ fn namespace_default_applies_before_the_runtime_reports_the_pod() {
         eprintln!("SKIP: cri: {why}");
         return;
     }
+    let _serial = serial();
     let tmp = TempDir::new("cri-ns");
     let top = unique("portcullis-k8s");
     let _tree = CgroupTree(top.clone());

@@ -255,6 +255,7 @@ fn pod_selectors_need_known_metadata_and_pending_cgroups_stay_unmapped() {
                 name: n.into(),
                 image: "i".into(),
             }),
+            provisional: false,
         }))
     };
     let cg = |id, path: &str, pod| CgroupInfo {

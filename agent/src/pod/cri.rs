@@ -386,6 +386,36 @@ pub struct ExecSyncResponse {
     pub exit_code: i32,
 }
 
+// ---- containerd's native API (containerd.services.containers.v1) ----------
+
+/// containerd's record of a container. The CRI plugin writes it, with the
+/// sandbox's labels, before it starts the container's task (which creates
+/// the cgroup), so it answers while `RunPodSandbox` is still running.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerdContainer {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(map = "string, string", tag = "2")]
+    pub labels: HashMap<String, String>,
+    #[prost(string, tag = "3")]
+    pub image: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GetContainerRequest {
+    #[prost(string, tag = "1")]
+    pub id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GetContainerResponse {
+    #[prost(message, optional, tag = "1")]
+    pub container: Option<ContainerdContainer>,
+}
+
+/// The containerd namespace the CRI plugin uses.
+pub const CONTAINERD_CRI_NAMESPACE: &str = "k8s.io";
+
 // ---- client ----------------------------------------------------------------
 
 /// A connected `RuntimeService` client. Cheap to clone (one HTTP/2
@@ -431,6 +461,28 @@ impl CriClient {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
+        self.call_in(method, req, None).await
+    }
+
+    /// A unary call; `namespace` sets containerd's namespace header (its
+    /// native API, unlike CRI, is namespaced).
+    async fn call_in<Req, Resp>(
+        &mut self,
+        method: &'static str,
+        req: Req,
+        namespace: Option<&'static str>,
+    ) -> Result<Resp, CriError>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
+        let mut request = tonic::Request::new(req);
+        if let Some(ns) = namespace {
+            request.metadata_mut().insert(
+                "containerd-namespace",
+                tonic::metadata::MetadataValue::from_static(ns),
+            );
+        }
         let path = self.path.clone();
         let status = |status| CriError::Call {
             method,
@@ -444,11 +496,7 @@ impl CriClient {
                 .map_err(|e| status(tonic::Status::unavailable(e.to_string())))?;
             let rpc = PathAndQuery::from_static(method);
             self.grpc
-                .unary(
-                    tonic::Request::new(req),
-                    rpc,
-                    ProstCodec::<Req, Resp>::default(),
-                )
+                .unary(request, rpc, ProstCodec::<Req, Resp>::default())
                 .await
                 .map(tonic::Response::into_inner)
                 .map_err(status)
@@ -517,6 +565,22 @@ impl CriClient {
             )
             .await?;
         Ok(r.status.unwrap_or_default())
+    }
+
+    /// containerd only (CRI-O has no such API): the container record in
+    /// the CRI plugin's namespace.
+    pub async fn containerd_container(
+        &mut self,
+        id: &str,
+    ) -> Result<ContainerdContainer, CriError> {
+        let r: GetContainerResponse = self
+            .call_in(
+                "/containerd.services.containers.v1.Containers/Get",
+                GetContainerRequest { id: id.into() },
+                Some(CONTAINERD_CRI_NAMESPACE),
+            )
+            .await?;
+        Ok(r.container.unwrap_or_default())
     }
 
     pub async fn run_pod_sandbox(&mut self, config: PodSandboxConfig) -> Result<String, CriError> {

@@ -57,6 +57,10 @@ pub struct PodMetadata {
     /// The container the cgroup belongs to; `None` for the pod-level cgroup
     /// and the sandbox (pause) container.
     pub container: Option<ContainerMetadata>,
+    /// Read from containerd's own record of the sandbox while CRI did not
+    /// report the pod yet (see [`Resolver::lookup`]); replaced by CRI's
+    /// answer at the next rescan.
+    pub provisional: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -84,6 +88,17 @@ pub enum Lookup {
     Pending,
     /// No runtime to ask: classify by path only.
     Unavailable,
+}
+
+impl Lookup {
+    /// Classified from metadata that a later lookup should replace.
+    pub fn is_provisional(&self) -> bool {
+        match self {
+            Lookup::Partial(_) => true,
+            Lookup::Known(m) => m.provisional,
+            _ => false,
+        }
+    }
 }
 
 /// Where the resolver gets its answers.
@@ -169,6 +184,12 @@ impl Resolver {
             });
         }
         std::mem::take(&mut self.recovered)
+    }
+
+    /// Whether `id` was classified from metadata to be replaced (and stops
+    /// being tracked as such: the caller re-classifies it now).
+    pub fn forget_provisional(&mut self, id: u64) -> bool {
+        self.provisional.remove(&id).is_some()
     }
 
     /// Records a cgroup classified from partial metadata.
@@ -297,6 +318,7 @@ impl Resolver {
                 labels,
                 service_account,
                 container: None,
+                provisional: false,
             };
         }
         self.pods = pods;
@@ -368,6 +390,45 @@ impl Resolver {
         }
     }
 
+    /// A sandbox (pause) container's cgroup appears while `RunPodSandbox` is
+    /// still running, when CRI does not list the pod yet. containerd has
+    /// already recorded the container with the sandbox's labels, though:
+    /// reading them lets the pod-level cgroup be classified before the
+    /// kubelet can start the pod's first container. The record's labels
+    /// also carry the image's own labels (containerd merges them), so this
+    /// answer is provisional and CRI's replaces it at the next rescan.
+    /// `None` for anything else (CRI-O has no such API; app containers are
+    /// answered by CRI).
+    async fn sandbox_from_containerd(&mut self, pc: &PodCgroup, id: &str) -> Option<PodMetadata> {
+        let client = self.client().await?;
+        let mut client = client.clone();
+        let record = client.containerd_container(id).await.ok()?;
+        let l = &record.labels;
+        if l.get("io.cri-containerd.kind").map(String::as_str) != Some("sandbox")
+            || l.get("io.kubernetes.pod.uid") != Some(&pc.pod_uid)
+        {
+            return None;
+        }
+        let labels = l
+            .iter()
+            .filter(|(k, _)| {
+                !KUBELET_SANDBOX_LABELS.contains(&k.as_str())
+                    && !k.starts_with("io.cri-containerd.")
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Some(PodMetadata {
+            uid: pc.pod_uid.clone(),
+            namespace: l.get("io.kubernetes.pod.namespace")?.clone(),
+            name: l.get("io.kubernetes.pod.name").cloned().unwrap_or_default(),
+            labels,
+            service_account: service_account::read(&self.cfg.kubelet_root, &pc.pod_uid)
+                .map(|t| t.name),
+            container: None,
+            provisional: true,
+        })
+    }
+
     /// The pod-level cgroup of the pod `path` belongs to, when `path` is
     /// below it: once any of a pod's cgroups resolves, the pod-level cgroup
     /// can be classified too, so containers created in the pod later inherit
@@ -402,14 +463,21 @@ impl Resolver {
         if let Some(meta) = self.answer(&pc) {
             return Lookup::Known(Arc::new(meta));
         }
-        // Only container cgroups are worth waiting for: the runtime knows a
-        // container before it creates its cgroup, while a pod-level cgroup
-        // can precede its sandbox by seconds (network setup).
+        // Only containers of known pods are worth waiting for (below): the
+        // runtime knows a container before it creates its cgroup, while a
+        // pod-level cgroup can precede its sandbox by seconds (network
+        // setup) and a sandbox's cgroup precedes its listing.
         let deadline = Instant::now() + self.cfg.settle;
         if let Some(id) = &pc.container_id
             && self.pods.contains_key(&pc.pod_uid)
             && self.fetch_container(id).await
             && let Some(meta) = self.answer(&pc)
+        {
+            return Lookup::Known(Arc::new(meta));
+        }
+        if let Some(id) = &pc.container_id
+            && !self.pods.contains_key(&pc.pod_uid)
+            && let Some(meta) = self.sandbox_from_containerd(&pc, id).await
         {
             return Lookup::Known(Arc::new(meta));
         }
@@ -420,7 +488,14 @@ impl Resolver {
             if let Some(meta) = self.answer(&pc) {
                 return Lookup::Known(Arc::new(meta));
             }
-            if pc.container_id.is_none() || Instant::now() >= deadline {
+            // Waiting is worth it only for a container of a pod the runtime
+            // reports (it registers containers before creating their
+            // cgroups); a pod it does not know (yet, or at all: another
+            // runtime's) must not stall the classification of others.
+            if pc.container_id.is_none()
+                || !self.pods.contains_key(&pc.pod_uid)
+                || Instant::now() >= deadline
+            {
                 return self.partial(&pc);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -447,7 +522,7 @@ impl Resolver {
                     None => self.partial(&pc),
                 },
             };
-            if matches!(cg.pod, Lookup::Partial(_)) {
+            if cg.pod.is_provisional() {
                 self.provisional.insert(cg.id, cg.path.clone());
             }
         }
