@@ -324,6 +324,35 @@ impl Drop for Containerd {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();
+        // A test that failed while containerd was stopped leaves its pods'
+        // shims behind (the containers go with the cgroup tree, see
+        // `CgroupTree`): end the shims this containerd started (their
+        // command line names our socket), then detach the rootfs mounts.
+        let socket = self.socket.display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with("/usr/bin/containerd-shim") && cmdline.contains(&socket) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let dir = self.dir.display().to_string();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
@@ -496,6 +525,18 @@ struct CgroupTree(String);
 
 impl Drop for CgroupTree {
     fn drop(&mut self) {
+        // Ends any container process a failed test left (cgroup.kill, Linux
+        // 5.14+, kills the whole subtree) so the directories can go.
+        let v2 = cgroup_root().join(&self.0);
+        if std::fs::write(v2.join("cgroup.kill"), "1").is_ok() {
+            let start = Instant::now();
+            while std::fs::read_to_string(v2.join("cgroup.events"))
+                .is_ok_and(|e| e.contains("populated 1"))
+                && start.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         remove_cgroups(&self.0);
     }
 }
