@@ -8,17 +8,23 @@
 //! token the kubelet projects for the pod under its root directory
 //! ([`service_account`]).
 //!
-//! Timing, and why there is never a free pass: a cgroup whose pod metadata
-//! is not known yet is left unclassified, so the kernel gives it the
-//! identity of its nearest classified ancestor (e.g. `/kubepods/besteffort`,
-//! governed by path-selecting policies — the host's default). Container
-//! cgroups are created by the runtime in `StartContainer`, after
-//! `CreateContainer` registered the container, so their metadata is
-//! normally known at `cgroup_mkdir` time; the lookup also retries briefly.
-//! The pod-level cgroup is created by the kubelet before `RunPodSandbox`,
-//! so it is classified by the periodic rescan once the sandbox is ready.
-//! When the CRI socket cannot be reached the agent logs it once and falls
-//! back to path-only identity (pod selectors then match nothing).
+//! Timing, and why there is never a free pass (the README's Kubernetes
+//! section has the whole sequence):
+//!
+//! - A cgroup with nothing known is left unclassified, so the kernel gives
+//!   it its nearest classified ancestor's identity (the host default).
+//! - The pod-level cgroup (made by the kubelet before the runtime knows the
+//!   pod) gets [`Lookup::Partial`] metadata from the projected token: the
+//!   namespace default.
+//! - The sandbox's cgroup appears during `RunPodSandbox`, before CRI lists
+//!   the pod; containerd's own record of the sandbox already has its labels
+//!   ([`Resolver::lookup`]), so the pod-level cgroup gets the pod's identity
+//!   before any of its containers can start. Answers that a later lookup
+//!   should replace are tracked as provisional and settled at each rescan.
+//! - Container cgroups are created in `StartContainer`, after
+//!   `CreateContainer` registered the container: one `ContainerStatus`.
+//! - With the CRI socket unreachable the agent logs it once, classifies by
+//!   path, and re-reads every pod when the runtime answers again.
 
 pub mod cgroup_path;
 pub mod cri;
