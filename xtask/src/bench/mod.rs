@@ -396,7 +396,8 @@ fn ours(ctx: &Ctx, res: &mut Results, n: usize) -> Result<()> {
     let (a, d) = ("Portcullis allow", "Portcullis deny");
     let run = |res: &mut Results, fam, cfg, op, arg: &str, iters, want| -> Result<()> {
         res.record(fam, cfg, n, lp.run(op, arg, iters)?, iters, want);
-        Ok(())
+        // Denials are logged; let the writer finish before the next loop.
+        agent.settle()
     };
     run(
         res,
@@ -417,18 +418,6 @@ fn ours(ctx: &Ctx, res: &mut Results, n: usize) -> Result<()> {
         Expect::Failed,
     )?;
     run(res, "open", a, "open", &f.allowed, p.opens, Expect::Ok)?;
-    // Enforce-mode denial kills the process (fallback backend), so the
-    // in-loop denied open is measured on the audit policy's file: the same
-    // lookup plus the ring-buffer event, without the kill.
-    run(
-        res,
-        "open",
-        "Portcullis audit (would deny)",
-        "open",
-        &f.audited,
-        p.opens,
-        Expect::Ok,
-    )?;
     run(
         res,
         "open, fork per call",
@@ -456,6 +445,18 @@ fn ours(ctx: &Ctx, res: &mut Results, n: usize) -> Result<()> {
         &f.tiny_denied,
         p.execs,
         Expect::Killed,
+    )?;
+    // Enforce-mode denial kills the process (fallback backend), so the
+    // in-loop denied open is measured on the audit policy's file: the same
+    // lookup plus the ring-buffer event, without the kill.
+    run(
+        res,
+        "open",
+        "Portcullis audit (would deny)",
+        "open",
+        &f.audited,
+        p.opens,
+        Expect::Ok,
     )?;
     agent.stop()?;
     let _ = std::fs::remove_file(ctx.out.join("decisions.jsonl"));

@@ -104,7 +104,14 @@ pub fn machine(agent_bin: &Path) -> Vec<(String, String)> {
         ),
         ("nftables".into(), super::peers::nft::version()),
         ("date".into(), sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])),
+        ("load average at start".into(), loadavg()),
     ]
+}
+
+/// 1, 5 and 15 minute load averages: the machine may be shared.
+pub fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
 /// The agent's kernel maps, from the bpf-map fds it holds (`fdinfo` has
@@ -253,7 +260,14 @@ pub fn write(dir: &Path, out: &Path, plan: &Plan, res: &Results) -> Result<()> {
     for (k, v) in &res.machine {
         let _ = writeln!(w, "| {k} | {v} |");
     }
-    let _ = writeln!(w);
+    let _ = writeln!(w, "| load average at end | {} |\n", loadavg());
+    let _ = writeln!(
+        w,
+        "Load averages above the core count mean other work shared the machine (builds, other test runs): \
+         interleaving spreads it over every configuration, and the min–max ranges show how much it moved \
+         the numbers. Each round first waits (up to 20 s) for other agents' programs to be gone; rounds that \
+         still saw them are listed under *Unexpected outcomes*.\n"
+    );
 
     summary(w, res, nmin, nmax);
     costs(w, dir, plan, res)?;
@@ -336,8 +350,9 @@ fn summary(w: &mut String, res: &Results, nmin: usize, nmax: usize) {
         );
         if !flat {
             misses.push(format!(
-                "**{fam} cost is not flat** ({}): hash and LPM lookups do not grow with the map; a change this size is \
-                 machine noise between agent restarts or cache/TLB pressure from the larger maps.",
+                "**{fam} cost rises with the rule count** ({}): the kernel does hash and LPM lookups whose work does \
+                 not grow with the map; a rise this size is machine noise (see the min–max ranges) or cache/TLB \
+                 pressure from the larger maps.",
                 pct(b / a)
             ));
         }
@@ -378,11 +393,15 @@ fn summary(w: &mut String, res: &Results, nmin: usize, nmax: usize) {
             misses.push(format!(
                 "**events/s {} (target 1 M)**: the rate is bounded by the producer: one process on one of {} cores makes \
                  would-deny opens at {} ns each (open+close, each paying the tracepoint), i.e. {} opens/s at most; the \
-                 other core runs the agent's reader and JSON writer. See the decision-stream section for the writer's rate.",
+                 other core runs the agent's reader and JSON writer. That writer kept up with {} lines/s; the \
+                 other {:.0} % of the events found the 16 MiB ring buffer full and were counted as lost, not dropped \
+                 silently.",
                 fmt_num(rate),
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                 fmt_num(s.flood_secs * 1e9 / s.opens.max(1) as f64),
-                fmt_num(s.opens as f64 / s.flood_secs)
+                fmt_num(s.opens as f64 / s.flood_secs),
+                fmt_num(s.logged as f64 / (s.flood_secs + s.drain_secs)),
+                s.lost as f64 * 100.0 / s.kernel_decisions.max(1) as f64
             ));
         }
     }
@@ -407,13 +426,20 @@ fn summary(w: &mut String, res: &Results, nmin: usize, nmax: usize) {
         if !met {
             misses.push(format!(
                 "**reload of {} rules takes {:.0} ms (target 100 ms, {:.0}× over)**: a reload re-parses every policy \
-                 file, re-resolves every path with `stat`, recompiles every identity from scratch and writes each \
-                 map entry with its own `bpf()` syscall under fresh identity numbers, then deletes the old ones; \
-                 nothing is incremental or batched. (Egress prefixes are additionally flattened in O(n²); see the \
-                 method notes.)",
+                 file, re-resolves every path with `stat`, recompiles every identity from scratch and writes the \
+                 whole new generation beside the old one under fresh identity numbers, one `bpf()` update per \
+                 entry, before retiring the old one; nothing is incremental. The directory at this size also holds \
+                 {} egress CIDRs, and their O(n²) prefix flattening is by itself several seconds (65 000 CIDRs took \
+                 ~180 s to load here, so ~4 s for 10 000 by extrapolation). Generations also share each map's \
+                 capacity, and the old one is deleted 1 s after the swap (`RETIRE_GRACE`); a reload that starts \
+                 sooner — here the reload back, which the watcher starts within 50 ms and which blocks the \
+                 retire timer while it compiles — needs room for three: 3 × 100 000 exec rules exceed the \
+                 262 144 capacity, and the agent rejects it (`map EXEC_RULES`, under *Unexpected outcomes*), \
+                 keeping the policy in force.",
                 fmt_num(nmax as f64),
                 h,
-                h / 100.0
+                h / 100.0,
+                fmt_num(NET_RULES_MAX.min(nmax) as f64)
             ));
         }
     }

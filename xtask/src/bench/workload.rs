@@ -311,6 +311,8 @@ impl Agent {
             // No pins: the programs must go with the agent, or the next
             // "no agent" baseline would still pay for them.
             .args(["--no-pin", "--no-cri"])
+            // One decisions file, so its lines can be counted.
+            .args(["--decisions-max-bytes", "0"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log)?)
             .spawn()
@@ -374,6 +376,27 @@ impl Agent {
                     .then(|| value.trim().parse::<f64>().ok())?
             })
             .sum())
+    }
+
+    /// Waits (up to 20 s) until the decision log stops moving: a backlog
+    /// of events being written would otherwise take the second core from
+    /// the next measurement.
+    pub fn settle(&self) -> Result<()> {
+        let read = || -> Result<f64> {
+            Ok(self.metric("portcullis_decisions_logged_total", &[])?
+                + self.metric("portcullis_events_lost_total", &[])?)
+        };
+        let t0 = Instant::now();
+        let mut last = read()?;
+        while t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read()?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        Ok(())
     }
 
     pub fn metrics_text(&self) -> Result<String> {
