@@ -7,7 +7,7 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_loop};
 use portcullis_common::{
     EVENT_DECISION, EVENT_NAME_LEN, EVENT_NAMES, Event, INODE_RULES_PER_KEY, InodeKey,
-    InodeRuleSet, KernelOffsets, MAX_PATH_DEPTH, RULE_LOG_ALLOW, RULE_SUBTREE,
+    InodeRuleSet, KernelOffsets, MAX_PATH_DEPTH, MODE_ENFORCE, RULE_LOG_ALLOW, RULE_SUBTREE,
 };
 
 use crate::{
@@ -216,6 +216,14 @@ extern "C" fn inode_rule(i: u64, ctx: *mut c_void) -> i64 {
         });
     if denied {
         w.m.deny(r.mode, hit);
+        // The first enforce deny decides; stop here rather than let
+        // `Matches::deny` keep the first: verifiers before 6.7 take the
+        // state carried between iterations for its first-iteration value
+        // ("nothing recorded yet") and drop that check, so later denies
+        // would overwrite the reported rule (seen on 6.1).
+        if r.mode == MODE_ENFORCE {
+            return 1;
+        }
     } else {
         w.m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
     }

@@ -483,6 +483,93 @@ fn exec_subtree_rule_applies_below_directory() {
     assert_eq!(events.last().map(|e| (e.rule_id, e.depth)), Some((9, 2)));
 }
 
+/// Whether the running kernel's verifier predates 6.7, which checks a
+/// bpf_loop callback as if it ran once: a branch on state carried between
+/// iterations is decided by its first-iteration value and dropped.
+fn verifier_checks_loop_callbacks_once() -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (6, 7)
+}
+
+/// Several enforce rules of one level deny: the first one is reported, and
+/// the walk stops there (the subtree rule above is not consulted), on every
+/// kernel. Several *audit* denies: the first is reported from 6.7 on; older
+/// verifiers drop the "nothing recorded yet" check (see
+/// `verifier_checks_loop_callbacks_once`), so there the last one is — a
+/// limitation of the decision log on those kernels, not of the verdict.
+#[test]
+fn first_denying_rule_is_reported() {
+    if !require_root() {
+        return;
+    }
+    let cg = TestCgroup::new();
+    let dir = TempDir::new();
+    fs::create_dir(dir.0.join("bin")).unwrap();
+    let bin = dir.0.join("bin/t");
+    fs::copy("/bin/true", &bin).unwrap();
+    let mut k = load(
+        &cg,
+        IdentityConfig {
+            flags: HAS_EXEC,
+            ..Default::default()
+        },
+    );
+    let mut set = deny_all_rule(31);
+    set.count = 2;
+    set.rules[1] = InodeRule {
+        rule_id: 32,
+        ..set.rules[0]
+    };
+    add_inode_rule(&mut k, MAP_EXEC_RULES, &bin, set);
+    let mut dir_set = deny_all_rule(33);
+    dir_set.rules[0].flags = portcullis_common::RULE_SUBTREE;
+    add_inode_rule(&mut k, MAP_EXEC_RULES, &dir.0, dir_set);
+    let c = CString::new(bin.as_os_str().as_bytes()).unwrap();
+    let s = cg.run(|| {
+        let argv = [c.as_ptr(), std::ptr::null()];
+        // SAFETY: NUL-terminated argv.
+        unsafe { libc::execv(c.as_ptr(), argv.as_ptr()) };
+        127
+    });
+    assert!(killed(s), "{s:?}");
+    let events = decisions(&mut k);
+    assert_eq!(
+        events.iter().map(|e| (e.rule_id, e.depth)).collect::<Vec<_>>(),
+        vec![(31, 0)]
+    );
+
+    // Audit mode: allowed, logged with verdict audit.
+    let mut audit = deny_all_rule(41);
+    audit.rules[0].mode = portcullis_common::MODE_AUDIT;
+    audit.count = 2;
+    audit.rules[1] = InodeRule {
+        rule_id: 42,
+        ..audit.rules[0]
+    };
+    add_inode_rule(&mut k, MAP_EXEC_RULES, &bin, audit);
+    let mut empty = InodeRuleSet::default();
+    empty.count = 0;
+    add_inode_rule(&mut k, MAP_EXEC_RULES, &dir.0, empty);
+    let s = cg.run(|| {
+        let argv = [c.as_ptr(), std::ptr::null()];
+        // SAFETY: NUL-terminated argv.
+        unsafe { libc::execv(c.as_ptr(), argv.as_ptr()) };
+        127
+    });
+    assert_eq!(exit_code(s), 0);
+    let reported = if verifier_checks_loop_callbacks_once() { 42 } else { 41 };
+    assert_eq!(
+        decisions(&mut k)
+            .iter()
+            .map(|e| (e.verdict, e.rule_id))
+            .collect::<Vec<_>>(),
+        vec![(portcullis_common::VERDICT_AUDIT, reported)]
+    );
+}
+
 /// Opens `path` read-only (relative to `cwd` when given) and reads a byte.
 fn open_read(path: &CString, cwd: Option<&CString>) -> i32 {
     // SAFETY: raw syscalls on valid buffers.

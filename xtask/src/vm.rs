@@ -64,6 +64,13 @@ pub fn run(root: &Path) -> Result<()> {
     let kernels = kernels(&cache);
     let work = root.join("target/vm");
     fs::create_dir_all(work.join("logs"))?;
+    // One matrix at a time: two runs would overwrite each other's initramfs
+    // and console logs (and share the CPU, skewing every timing).
+    let lock = fs::File::create(work.join("run.lock"))?;
+    if lock.try_lock().is_err() {
+        eprintln!("vm: another VM matrix is running here; waiting for it to finish");
+        lock.lock()?;
+    }
     let t = Instant::now();
     let bins = build_static(root)?;
     eprintln!("vm: static build: {:.0} s", t.elapsed().as_secs_f64());
@@ -72,11 +79,19 @@ pub fn run(root: &Path) -> Result<()> {
 
     let mut boots = Vec::new();
     for (i, (name, vmlinuz)) in kernels.iter().enumerate() {
-        boots.push(Boot { kernel: name.clone(), vmlinuz: vmlinuz.clone(), bpf_lsm: true });
+        boots.push(Boot {
+            kernel: name.clone(),
+            vmlinuz: vmlinuz.clone(),
+            bpf_lsm: true,
+        });
         // The newest kernel is also booted without BPF-LSM: the agent must
         // fall back to the tracepoint backend and the tests must still pass.
         if i + 1 == kernels.len() {
-            boots.push(Boot { kernel: name.clone(), vmlinuz: vmlinuz.clone(), bpf_lsm: false });
+            boots.push(Boot {
+                kernel: name.clone(),
+                vmlinuz: vmlinuz.clone(),
+                bpf_lsm: false,
+            });
         }
     }
 
@@ -92,13 +107,21 @@ pub fn run(root: &Path) -> Result<()> {
     let mut results = Vec::new();
     for boot in &boots {
         let outcome = match &boot.vmlinuz {
-            Err(e) => Outcome { failed: 1, notes: vec![format!("no kernel: {e}")], ..Default::default() },
+            Err(e) => Outcome {
+                failed: 1,
+                notes: vec![format!("no kernel: {e}")],
+                ..Default::default()
+            },
             Ok(vmlinuz) => {
                 let log = work.join(format!("logs/{}.log", boot_name(boot)));
                 eprintln!(
                     "vm: booting {} (lsm={}), console log {}",
                     boot.kernel,
-                    if boot.bpf_lsm { LSM_WITH_BPF } else { LSM_WITHOUT_BPF },
+                    if boot.bpf_lsm {
+                        LSM_WITH_BPF
+                    } else {
+                        LSM_WITHOUT_BPF
+                    },
                     log.display()
                 );
                 boot_and_test(vmlinuz, &initramfs, boot.bpf_lsm, &log)
@@ -121,14 +144,20 @@ pub fn run(root: &Path) -> Result<()> {
 }
 
 fn boot_name(b: &Boot) -> String {
-    format!("{}-{}", b.kernel, if b.bpf_lsm { "lsm-bpf" } else { "lsm-nobpf" })
+    format!(
+        "{}-{}",
+        b.kernel,
+        if b.bpf_lsm { "lsm-bpf" } else { "lsm-nobpf" }
+    )
 }
 
 fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("PORTCULLIS_VM_CACHE") {
         return dir.into();
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     home.join(".cache/portcullis/vm")
 }
 
@@ -136,7 +165,9 @@ fn cache_dir() -> PathBuf {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn status(cmd: &mut Command) -> Result<()> {
@@ -173,7 +204,9 @@ fn apt_install(package: &str) -> Result<()> {
 /// True when `path` is an ELF with no program interpreter (static or
 /// static-pie), read from its program headers.
 fn is_static(path: &Path) -> bool {
-    let Ok(elf) = fs::read(path) else { return false };
+    let Ok(elf) = fs::read(path) else {
+        return false;
+    };
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 {
         return false;
     }
@@ -191,24 +224,31 @@ fn is_static(path: &Path) -> bool {
 /// Numeric parts of a Debian kernel version, for ordering:
 /// `6.12.117+deb12` → [6, 12, 117, 12], `6.1.0-56` → [6, 1, 0, 56].
 fn version_key(v: &str) -> Vec<u64> {
-    v.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap_or(0)).collect()
+    v.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap_or(0))
+        .collect()
 }
 
 /// The kernel versions (`6.1.0-56`, `6.12.117+deb12`) apt offers as
 /// `linux-image-<v>-cloud-amd64-unsigned`.
 fn apt_cloud_kernels() -> Vec<String> {
     let search = || {
-        output(Command::new("apt-cache").args(["search", "--names-only", "^linux-image-.*-cloud-amd64-unsigned$"]))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .next()?
-                    .strip_prefix("linux-image-")?
-                    .strip_suffix("-cloud-amd64-unsigned")
-                    .map(str::to_owned)
-            })
-            .collect::<Vec<_>>()
+        output(Command::new("apt-cache").args([
+            "search",
+            "--names-only",
+            "^linux-image-.*-cloud-amd64-unsigned$",
+        ]))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()?
+                .strip_prefix("linux-image-")?
+                .strip_suffix("-cloud-amd64-unsigned")
+                .map(str::to_owned)
+        })
+        .collect::<Vec<_>>()
     };
     let mut found = search();
     if found.is_empty() {
@@ -233,11 +273,19 @@ fn kernels(cache: &Path) -> Vec<(String, Result<PathBuf, String>)> {
             .collect();
     }
     offered.sort_by_key(|v| version_key(v));
-    let newest_61 = offered.iter().rev().find(|v| v.starts_with("6.1.0-")).cloned();
+    let newest_61 = offered
+        .iter()
+        .rev()
+        .find(|v| v.starts_with("6.1.0-"))
+        .cloned();
     let newest = offered.last().cloned();
     let mut wanted = vec![
-        newest_61.ok_or_else(|| "6.1 (no linux-image-6.1.0-*-cloud-amd64-unsigned offered by apt)".to_owned()),
-        newest.ok_or_else(|| "newest (no linux-image-*-cloud-amd64-unsigned offered by apt)".to_owned()),
+        newest_61.ok_or_else(|| {
+            "6.1 (no linux-image-6.1.0-*-cloud-amd64-unsigned offered by apt)".to_owned()
+        }),
+        newest.ok_or_else(|| {
+            "newest (no linux-image-*-cloud-amd64-unsigned offered by apt)".to_owned()
+        }),
     ];
     wanted.dedup_by(|a, b| a.is_ok() && a == b);
     wanted
@@ -270,7 +318,11 @@ fn fetch_kernel(cache: &Path, version: &str) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
     let package = format!("linux-image-{version}-cloud-amd64-unsigned");
-    status(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&tmp))?;
+    status(
+        Command::new("apt-get")
+            .args(["download", "-q", &package])
+            .current_dir(&tmp),
+    )?;
     let deb = fs::read_dir(&tmp)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -303,26 +355,50 @@ struct Bins {
 /// as they are), into `target/vm`.
 fn build_static(root: &Path) -> Result<Bins> {
     let mut cmd = crate::cargo_cmd(root);
-    cmd.args(["test", "--no-run", "--message-format=json-render-diagnostics", "--target", TARGET])
-        .arg("--target-dir")
-        .arg(root.join("target/vm"));
+    cmd.args([
+        "test",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+        "--target",
+        TARGET,
+    ])
+    .arg("--target-dir")
+    .arg(root.join("target/vm"));
     for p in TEST_PACKAGES {
         cmd.args(["--package", p]);
     }
-    cmd.env(format!("CARGO_TARGET_{}_RUSTFLAGS", TARGET.to_uppercase().replace('-', "_")), "-C target-feature=+crt-static")
-        .stdout(Stdio::piped());
+    cmd.env(
+        format!(
+            "CARGO_TARGET_{}_RUSTFLAGS",
+            TARGET.to_uppercase().replace('-', "_")
+        ),
+        "-C target-feature=+crt-static",
+    )
+    .stdout(Stdio::piped());
     eprintln!("vm: {}", crate::describe(&cmd));
     let out = cmd.output().context("running cargo test --no-run")?;
     if !out.status.success() {
+        // `output()` captured the rendered diagnostics too: show them.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for l in stderr
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("Compiling"))
+        {
+            eprintln!("  | {l}");
+        }
         bail!("static build failed ({})", out.status);
     }
     let (mut agent, mut probe, mut tests) = (None, None, Vec::new());
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
-        let Some(exe) = msg["executable"].as_str() else { continue };
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
         let name = msg["target"]["name"].as_str().unwrap_or_default();
         let is_test = msg["profile"]["test"] == true;
         match (is_test, name) {
@@ -330,7 +406,11 @@ fn build_static(root: &Path) -> Result<Bins> {
             (false, "portcullis-probe") => probe = Some(PathBuf::from(exe)),
             (true, _) => {
                 let pkg = msg["package_id"].as_str().unwrap_or_default();
-                let pkg = if pkg.contains("portcullis-tests") { "e2e" } else { "agent" };
+                let pkg = if pkg.contains("portcullis-tests") {
+                    "e2e"
+                } else {
+                    "agent"
+                };
                 let kind = msg["target"]["kind"][0].as_str().unwrap_or("test");
                 tests.push((format!("{pkg}-{kind}-{name}"), PathBuf::from(exe)));
             }
@@ -342,12 +422,18 @@ fn build_static(root: &Path) -> Result<Bins> {
         probe: probe.context("cargo built no portcullis-probe binary")?,
         tests,
     };
-    for p in [&bins.agent, &bins.probe].into_iter().chain(bins.tests.iter().map(|(_, p)| p)) {
+    for p in [&bins.agent, &bins.probe]
+        .into_iter()
+        .chain(bins.tests.iter().map(|(_, p)| p))
+    {
         if !is_static(p) {
             bail!("{} is not statically linked", p.display());
         }
     }
-    eprintln!("vm: static executables: agent, probe and {} test executables", bins.tests.len());
+    eprintln!(
+        "vm: static executables: agent, probe and {} test executables",
+        bins.tests.len()
+    );
     Ok(bins)
 }
 
@@ -361,12 +447,29 @@ struct Cpio {
 
 impl Cpio {
     fn new() -> Self {
-        Self { buf: Vec::new(), ino: 1 }
+        Self {
+            buf: Vec::new(),
+            ino: 1,
+        }
     }
 
     fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
         let name = name.trim_start_matches('/');
-        let fields = [self.ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0, name.len() as u32 + 1, 0];
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
         self.ino += 1;
         self.buf.extend_from_slice(b"070701");
         for f in fields {
@@ -454,16 +557,48 @@ fn build_initramfs(root: &Path, bins: &Bins, dest: &Path) -> Result<()> {
     let scratch = root.join("target/vm/strip");
     fs::create_dir_all(&scratch)?;
     let mut cpio = Cpio::new();
-    for d in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc", "/usr/sbin"] {
+    for d in [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/tmp",
+        "/run",
+        "/root",
+        "/etc",
+        "/usr/sbin",
+    ] {
         cpio.dir(d);
     }
     cpio.file("/init", 0o755, INIT.as_bytes());
-    cpio.file("/bin/busybox", 0o755, &fs::read("/bin/busybox").context("reading /bin/busybox")?);
+    cpio.file(
+        "/bin/busybox",
+        0o755,
+        &fs::read("/bin/busybox").context("reading /bin/busybox")?,
+    );
     cpio.file("/bin/true", 0o755, &true_elf());
-    cpio.file("/opt/portcullis/portcullis", 0o755, &stripped(&bins.agent, &scratch)?);
-    cpio.file("/opt/portcullis/portcullis-probe", 0o755, &stripped(&bins.probe, &scratch)?);
+    // Tools the tests run whose busybox applets lack what they need
+    // (busybox's setpriv has no --bounding-set, and busybox's timeout runs
+    // its own applets, not PATH's), with their shared
+    // libraries, ahead of busybox in the guest's PATH.
+    for tool in GUEST_TOOLS {
+        add_dynamic(&mut cpio, Path::new(tool))?;
+    }
+    cpio.file(
+        "/opt/portcullis/portcullis",
+        0o755,
+        &stripped(&bins.agent, &scratch)?,
+    );
+    cpio.file(
+        "/opt/portcullis/portcullis-probe",
+        0o755,
+        &stripped(&bins.probe, &scratch)?,
+    );
     for (name, exe) in &bins.tests {
-        cpio.file(&format!("/opt/portcullis/tests/{name}"), 0o755, &stripped(exe, &scratch)?);
+        cpio.file(
+            &format!("/opt/portcullis/tests/{name}"),
+            0o755,
+            &stripped(exe, &scratch)?,
+        );
     }
     // The tests read repository files through paths compiled in as
     // `CARGO_MANIFEST_DIR/../policies`: the kernel resolves `..` only through
@@ -508,6 +643,48 @@ fn build_initramfs(root: &Path, bins: &Bins, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Host executables copied into the guest's `/bin` (see `add_dynamic`).
+const GUEST_TOOLS: &[&str] = &["/usr/bin/setpriv", "/usr/bin/timeout"];
+
+/// `exe` at `/bin/<name>`, and every shared object `ldd` lists for it at
+/// its own path. A tool missing on the host is left out (the test that
+/// needs it says why it cannot run).
+fn add_dynamic(cpio: &mut Cpio, exe: &Path) -> Result<()> {
+    if !exe.is_file() {
+        eprintln!(
+            "vm: {} is not installed here; the guest goes without it",
+            exe.display()
+        );
+        return Ok(());
+    }
+    let name = exe.file_name().unwrap().to_string_lossy();
+    cpio.file(&format!("/bin/{name}"), 0o755, &fs::read(exe)?);
+    if is_static(exe) {
+        return Ok(());
+    }
+    let ldd =
+        output(Command::new("ldd").arg(exe)).with_context(|| format!("ldd {}", exe.display()))?;
+    for line in ldd.lines() {
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or
+        // `/lib64/ld-linux-x86-64.so.2 (0x...)`; the vDSO has no path.
+        let path = line
+            .split("=>")
+            .last()
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        if path.starts_with('/') {
+            cpio.file(
+                path,
+                0o755,
+                &fs::read(path).with_context(|| format!("reading {path}"))?,
+            );
+        }
+    }
+    Ok(())
+}
+
 fn add_tree(cpio: &mut Cpio, dir: &Path, at: &str) -> Result<()> {
     cpio.dir(at);
     for e in fs::read_dir(dir)? {
@@ -527,7 +704,10 @@ fn add_tree(cpio: &mut Cpio, dir: &Path, at: &str) -> Result<()> {
 // ----------------------------------------------------------------- boot
 
 fn boot_timeout() -> Duration {
-    let secs = std::env::var("PORTCULLIS_VM_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(900);
+    let secs = std::env::var("PORTCULLIS_VM_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(900);
     Duration::from_secs(secs)
 }
 
@@ -536,34 +716,58 @@ fn boot_timeout() -> Duration {
 /// with a dot would be taken for a module parameter, so none may have one).
 fn guest_narrowing() -> String {
     let mut extra = String::new();
-    for var in ["PORTCULLIS_VM_TESTS", "PORTCULLIS_VM_FILTER"] {
+    for var in ["PORTCULLIS_VM_TESTS", "PORTCULLIS_VM_FILTER", "PORTCULLIS_VM_WATCH"] {
         if let Ok(v) = std::env::var(var) {
             eprintln!("vm: PARTIAL RUN: {var}={v}");
             extra.push_str(&format!(" {var}={v}"));
         }
+    }
+    // The agent's log level in the guest, for debugging (`debug`, not
+    // `portcullis=debug`: one `=` per word).
+    if let Ok(v) = std::env::var("PORTCULLIS_VM_RUST_LOG") {
+        eprintln!("vm: guest RUST_LOG={v}");
+        extra.push_str(&format!(" RUST_LOG={v}"));
     }
     extra
 }
 
 fn boot_and_test(vmlinuz: &Path, initramfs: &Path, bpf_lsm: bool, log: &Path) -> Outcome {
     let start = Instant::now();
-    let lsm = if bpf_lsm { LSM_WITH_BPF } else { LSM_WITHOUT_BPF };
+    let lsm = if bpf_lsm {
+        LSM_WITH_BPF
+    } else {
+        LSM_WITHOUT_BPF
+    };
     let mut cmd = Command::new("qemu-system-x86_64");
     // Multi-threaded TCG once panicked a guest while programs attached
     // (VM-HARNESS.md pitfall 2): one host thread for both vCPUs.
-    cmd.args(["-accel", "tcg,thread=single", "-cpu", "max", "-smp", "2", "-m", "1G"])
-        .args(["-nographic", "-no-reboot", "-nic", "none", "-kernel"])
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initramfs)
-        .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 rdinit=/init lsm={lsm} PORTCULLIS_VM=1{}", guest_narrowing()))
-        .stdin(Stdio::null());
+    cmd.args([
+        "-accel",
+        "tcg,thread=single",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "1G",
+    ])
+    .args(["-nographic", "-no-reboot", "-nic", "none", "-kernel"])
+    .arg(vmlinuz)
+    .arg("-initrd")
+    .arg(initramfs)
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 quiet panic=-1 rdinit=/init lsm={lsm} PORTCULLIS_VM=1{}",
+        guest_narrowing()
+    ))
+    .stdin(Stdio::null());
     let mut outcome = Outcome::default();
-    let spawned = fs::File::create(log).map_err(anyhow::Error::from).and_then(|f| {
-        let f2 = f.try_clone()?;
-        Ok(cmd.stdout(f).stderr(f2).spawn()?)
-    });
+    let spawned = fs::File::create(log)
+        .map_err(anyhow::Error::from)
+        .and_then(|f| {
+            let f2 = f.try_clone()?;
+            Ok(cmd.stdout(f).stderr(f2).spawn()?)
+        });
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -586,16 +790,22 @@ fn boot_and_test(vmlinuz: &Path, initramfs: &Path, bpf_lsm: bool, log: &Path) ->
         }
     };
     outcome.secs = start.elapsed().as_secs_f64();
-    let console = fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let console = fs::read(log)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     parse_console(&console, &mut outcome);
     match exit {
-        None => outcome.notes.push(format!("TIMEOUT after {limit:?}: guest killed")),
+        None => outcome
+            .notes
+            .push(format!("TIMEOUT after {limit:?}: guest killed")),
         Some(st) if !st.success() => outcome.notes.push(format!("qemu exited with {st}")),
         _ => {}
     }
     if !console.contains("PORTCULLIS-VM-DONE") {
         outcome.failed += 1;
-        outcome.notes.push("the guest did not finish its test run (no PORTCULLIS-VM-DONE)".into());
+        outcome
+            .notes
+            .push("the guest did not finish its test run (no PORTCULLIS-VM-DONE)".into());
         let tail: Vec<_> = console.lines().rev().take(40).collect();
         eprintln!("vm: last console lines:");
         for l in tail.iter().rev() {
@@ -604,11 +814,16 @@ fn boot_and_test(vmlinuz: &Path, initramfs: &Path, bpf_lsm: bool, log: &Path) ->
     }
     // Which backend the agent chose must match the kernel's LSM list.
     let (want, ok) = if bpf_lsm {
-        ("lsm", outcome.backend_exec == "lsm" && outcome.backend_open == "lsm")
+        (
+            "lsm",
+            outcome.backend_exec == "lsm" && outcome.backend_open == "lsm",
+        )
     } else {
         (
             "a fallback",
-            !outcome.backend_exec.is_empty() && outcome.backend_exec != "lsm" && outcome.backend_open != "lsm",
+            !outcome.backend_exec.is_empty()
+                && outcome.backend_exec != "lsm"
+                && outcome.backend_open != "lsm",
         )
     };
     if !ok {
@@ -617,13 +832,20 @@ fn boot_and_test(vmlinuz: &Path, initramfs: &Path, bpf_lsm: bool, log: &Path) ->
             "agent chose exec={:?} open={:?}, expected {want}",
             outcome.backend_exec, outcome.backend_open
         ));
-        print_section(&console, "PORTCULLIS-VM-AGENT-LOG-BEGIN", "PORTCULLIS-VM-AGENT-LOG-END", "agent log");
+        print_section(
+            &console,
+            "PORTCULLIS-VM-AGENT-LOG-BEGIN",
+            "PORTCULLIS-VM-AGENT-LOG-END",
+            "agent log",
+        );
     }
     outcome
 }
 
 fn print_section(console: &str, begin: &str, end: &str, what: &str) {
-    let Some((_, rest)) = console.split_once(begin) else { return };
+    let Some((_, rest)) = console.split_once(begin) else {
+        return;
+    };
     let body = rest.split_once(end).map_or(rest, |(b, _)| b);
     eprintln!("vm: {what}:");
     for l in body.lines().filter(|l| !l.trim().is_empty()) {
@@ -663,8 +885,13 @@ fn parse_console(console: &str, out: &mut Outcome) {
             let any = status.keys().any(|k| k.starts_with(&format!("{name}::")));
             if rc != "0" && !any {
                 out.failed += 1;
-                out.notes.push(format!("{name}: exited rc={rc} before running tests"));
-            } else if rc != "0" && !status.iter().any(|(k, v)| k.starts_with(&format!("{name}::")) && *v == "FAILED") {
+                out.notes
+                    .push(format!("{name}: exited rc={rc} before running tests"));
+            } else if rc != "0"
+                && !status
+                    .iter()
+                    .any(|(k, v)| k.starts_with(&format!("{name}::")) && *v == "FAILED")
+            {
                 out.failed += 1;
                 out.notes.push(format!("{name}: exited rc={rc}"));
             }
@@ -679,7 +906,10 @@ fn parse_console(console: &str, out: &mut Outcome) {
                 };
                 status.insert(format!("{current}::{name}"), result);
             }
-        } else if let Some(n) = line.strip_prefix("---- ").and_then(|l| l.strip_suffix(" stdout ----")) {
+        } else if let Some(n) = line
+            .strip_prefix("---- ")
+            .and_then(|l| l.strip_suffix(" stdout ----"))
+        {
             section = format!("{current}::{n}");
         } else if line.contains("SKIP:") && !section.is_empty() {
             skipped.push(section.clone());
@@ -706,15 +936,31 @@ fn print_table(boots: &[Boot], results: &[Outcome], total: Duration) {
     eprintln!("VM matrix (QEMU TCG, Debian cloud kernels):");
     eprintln!(
         "{:<18} {:<8} {:<17} {:<17} {:>6} {:>6} {:>7} {:>7}  {}",
-        "kernel", "bpf-lsm", "exec backend", "open backend", "passed", "failed", "skipped", "seconds", "result"
+        "kernel",
+        "bpf-lsm",
+        "exec backend",
+        "open backend",
+        "passed",
+        "failed",
+        "skipped",
+        "seconds",
+        "result"
     );
     for (b, r) in boots.iter().zip(results) {
         eprintln!(
             "{:<18} {:<8} {:<17} {:<17} {:>6} {:>6} {:>7} {:>7.0}  {}",
             b.kernel,
             if b.bpf_lsm { "on" } else { "off" },
-            if r.backend_exec.is_empty() { "-" } else { &r.backend_exec },
-            if r.backend_open.is_empty() { "-" } else { &r.backend_open },
+            if r.backend_exec.is_empty() {
+                "-"
+            } else {
+                &r.backend_exec
+            },
+            if r.backend_open.is_empty() {
+                "-"
+            } else {
+                &r.backend_open
+            },
             r.passed,
             r.failed,
             r.skipped,
@@ -726,7 +972,11 @@ fn print_table(boots: &[Boot], results: &[Outcome], total: Duration) {
         }
     }
     eprintln!("VM matrix total: {:.0} s", total.as_secs_f64());
-    for var in ["PORTCULLIS_VM_BOOTS", "PORTCULLIS_VM_TESTS", "PORTCULLIS_VM_FILTER"] {
+    for var in [
+        "PORTCULLIS_VM_BOOTS",
+        "PORTCULLIS_VM_TESTS",
+        "PORTCULLIS_VM_FILTER",
+    ] {
         if let Ok(v) = std::env::var(var) {
             eprintln!("VM matrix PARTIAL: {var}={v}");
         }

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET,
-    IDENTITY_UNRESTRICTED, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet, RULE_LOG_ALLOW,
-    VERDICT_ALLOW, VERDICT_DENY,
+    IDENTITY_UNRESTRICTED, MODE_ENFORCE, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet,
+    RULE_LOG_ALLOW, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
@@ -152,6 +152,11 @@ extern "C" fn net_rule(i: u64, ctx: *mut c_void) -> i64 {
     };
     if r.verdict == VERDICT_DENY {
         scan.m.deny(r.mode, hit);
+        // The first enforce deny decides (see `inode::inode_rule`: verifiers
+        // before 6.7 would let a later deny overwrite the reported rule).
+        if r.mode == MODE_ENFORCE {
+            return 1;
+        }
     } else {
         scan.m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
     }
