@@ -777,6 +777,54 @@ fn daemonset_capabilities_suffice_and_configmap_edits_hot_reload() {
     );
     assert_eq!(eff & bit("sys_admin"), 0);
 
+    // And they lose nothing: the same backends (BPF-LSM where the kernel
+    // allows it) as an agent with every capability.
+    let backends = |a: &Running| -> Vec<String> {
+        let body = a.get("/metrics").map(|(_, b)| b).unwrap_or_default();
+        let mut lines: Vec<String> = body
+            .lines()
+            .filter(|l| l.starts_with("portcullis_backend{"))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let restricted = backends(&agent);
+    let full_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let full_log = tmp.path("full.log");
+    let child = Command::new(agent_bin())
+        .args(["run", "--policy"])
+        .arg(&cm)
+        .args(["--metrics-addr", &format!("127.0.0.1:{full_port}")])
+        .args(["--no-pin", "--no-cri"])
+        .arg("--decisions-file")
+        .arg(tmp.path("full-decisions.jsonl"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&full_log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut full = Running {
+        child,
+        port: full_port,
+        log: full_log,
+    };
+    full.wait("ready with every capability", |a| {
+        a.get("/readyz").is_some_and(|(c, _)| c == 200)
+    });
+    assert!(!restricted.is_empty());
+    assert_eq!(
+        restricted,
+        backends(&full),
+        "backends with the DaemonSet's capabilities vs all"
+    );
+    eprintln!("backends with the DaemonSet's capabilities: {restricted:?}");
+    drop(full);
+
     assert_eq!(
         probe(&cg, &["connect", "127.0.0.1", &listener.port.to_string()]),
         Outcome::Errno(EPERM)
