@@ -157,6 +157,36 @@ impl State {
         }
     }
 
+    /// Before `new` is written beside the generation in force: if the
+    /// generations still waiting out their grace period would leave too
+    /// little room in some map, waits for them (at most [`RETIRE_GRACE`])
+    /// and deletes them first. Reloads in quick succession would otherwise
+    /// need room for three or more generations at once.
+    fn make_room(&mut self, new: &Compiled) {
+        if self.retiring.is_empty() {
+            return;
+        }
+        let sizes = MapSizes::default();
+        let caps = [sizes.identities, sizes.net_rules, sizes.exec_rules, sizes.file_rules, sizes.only_from];
+        let count = |c: &Compiled| c.rule_counts().map(|(_, n)| n);
+        let mut need = count(new);
+        for c in std::iter::once(&*self.compiled).chain(self.retiring.iter().map(|(_, c)| &**c)) {
+            for (n, m) in need.iter_mut().zip(count(c)) {
+                *n += m;
+            }
+        }
+        if need.iter().zip(caps).all(|(&n, cap)| n <= cap as usize) {
+            return;
+        }
+        if let Some((due, _)) = self.retiring.back() {
+            // Blocks this task only: decisions and metrics run on their own.
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        while !self.retiring.is_empty() {
+            self.retire_due(true);
+        }
+    }
+
     /// Deletes the rules of generations whose grace period is over (or the
     /// oldest one, when `force`).
     fn retire_due(&mut self, force: bool) {
@@ -224,6 +254,7 @@ impl State {
             .map(|c| self.metrics.with_policy_slots(c))
             .map_err(DaemonError::from)
             .and_then(|new| {
+                self.make_room(&new);
                 self.maps.apply(Some(&self.compiled), &new)?;
                 Ok(new)
             });
@@ -470,12 +501,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             links = retired,
             "detached the programs of an earlier instance"
         );
-    }
-    if let Some(pins) = &kernel.pins {
-        let stale = pins.remove_stale_maps()?;
-        if stale > 0 {
-            tracing::info!(maps = stale, "removed maps an agent of another map layout pinned");
-        }
     }
     if let Some(pins) = &kernel.pins {
         let stale = pins.remove_stale_maps()?;

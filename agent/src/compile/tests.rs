@@ -205,13 +205,11 @@ fn kernel_dev_uses_mkdev_encoding() {
 #[test]
 fn v4_prefix_containment() {
     let net: Ipv6Addr = "::ffff:10.0.0.0".parse().unwrap();
-    assert!(in_prefix("::ffff:10.9.8.7".parse().unwrap(), net, 104));
-    assert!(!in_prefix("::ffff:11.0.0.1".parse().unwrap(), net, 104));
-    assert!(in_prefix(
-        "2001:db8::1".parse().unwrap(),
-        "::".parse().unwrap(),
-        0
-    ));
+    let addr = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+    assert_eq!(network(addr("::ffff:10.9.8.7"), 104), net);
+    assert_ne!(network(addr("::ffff:11.0.0.1"), 104), net);
+    assert_eq!(network(addr("2001:db8::1"), 0), addr("::"));
+    assert_eq!(network(addr("2001:db8::1"), 128), addr("2001:db8::1"));
 }
 
 #[test]
