@@ -408,7 +408,11 @@ fn net_entries(r: &NetRule, verdict: u8, mode: u8, rule_id: u32) -> Vec<(Ipv6Add
 }
 
 fn prefix_mask(len: u8) -> u128 {
-    if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) }
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
 }
 
 /// `addr` with the bits past `len` cleared: the network of `addr`/`len`
@@ -594,10 +598,12 @@ fn emit_identity(
             )?;
         }
         for (addr, len, r) in &pr.net {
-            net.entry((*len, network(*addr, *len))).or_default().push(KNetRule {
-                policy_bit: bit as u8,
-                ..*r
-            });
+            net.entry((*len, network(*addr, *len)))
+                .or_default()
+                .push(KNetRule {
+                    policy_bit: bit as u8,
+                    ..*r
+                });
         }
     }
     // Flatten: every prefix also carries the rules of the shorter prefixes

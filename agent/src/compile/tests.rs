@@ -292,14 +292,20 @@ fn pod_selectors_need_known_metadata_and_pending_cgroups_stay_unmapped() {
     );
     // Partial (token only): namespace policies apply, label/container ones wait.
     let mut ns_only = policy("ns", "/unused");
-    ns_only.selector = Selector { namespace: Some("ml-*".into()), ..Default::default() };
+    ns_only.selector = Selector {
+        namespace: Some("ml-*".into()),
+        ..Default::default()
+    };
     let with_ns = [policies[0].clone(), ns_only];
     let partial = Lookup::Partial(Arc::new(PodMetadata {
         namespace: "ml-prod".into(),
         labels: BTreeMap::from([("app".into(), "triton".into())]),
         ..Default::default()
     }));
-    assert_eq!(select_cgroup(&with_ns, &cg(7, "/kubepods/podE", partial)), vec![1]);
+    assert_eq!(
+        select_cgroup(&with_ns, &cg(7, "/kubepods/podE", partial)),
+        vec![1]
+    );
 
     let c = compile(&policies, &cgroups, N).unwrap();
     assert!(
