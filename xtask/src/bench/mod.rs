@@ -53,7 +53,7 @@ impl Plan {
         } else {
             Self {
                 quick,
-                rounds: 5,
+                rounds: 7,
                 rules: vec![10, 1_000, 100_000],
                 connects: 20_000,
                 opens: 100_000,
