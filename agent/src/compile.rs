@@ -95,6 +95,9 @@ pub struct Compiled {
     /// kernel's ancestor walk stops at the nearest known cgroup).
     pub cgroups: BTreeMap<u64, u32>,
     pub cgroup_paths: BTreeMap<u64, String>,
+    /// Pod metadata of the cgroups that belong to a known pod (for the
+    /// decision log).
+    pub cgroup_pods: BTreeMap<u64, std::sync::Arc<PodMetadata>>,
     pub identity_cfg: BTreeMap<u32, IdentityConfig>,
     /// Identity → indexes into `policies` (bit `i` is `policies[i]`).
     pub identity_policies: BTreeMap<u32, Vec<usize>>,
@@ -462,6 +465,9 @@ pub fn compile(
     let mut next = first_identity.max(1);
     for cg in cgroups {
         b.out.cgroup_paths.insert(cg.id, cg.path.clone());
+        if let Some(meta) = cg.pod.metadata() {
+            b.out.cgroup_pods.insert(cg.id, meta);
+        }
         if cg.pod == Lookup::Pending {
             // No map entry: the kernel's ancestor walk gives it the nearest
             // classified ancestor's identity until its metadata is known.

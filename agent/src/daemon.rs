@@ -357,6 +357,9 @@ impl State {
             self.pods.provisional(cg.id, cg.path.clone());
         }
         compiled.cgroups.insert(cg.id, identity);
+        if let Some(meta) = cg.pod.metadata() {
+            compiled.cgroup_pods.insert(cg.id, meta);
+        }
         compiled.cgroup_paths.insert(cg.id, cg.path);
         self.metrics.cgroups_classified.inc();
         self.publish(compiled);

@@ -64,6 +64,22 @@ pub struct Workload {
     pub unit: Option<String>,
     pub uid: u32,
     pub identity: u32,
+    /// The Kubernetes pod (and container) of the cgroup, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// Which pod a decision's workload is (no labels: they can be many and
+/// long; the namespace, name and uid find the pod).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -346,6 +362,13 @@ pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
             cgroup_id: ev.cgroup_id,
             uid: ev.uid,
             identity: ev.identity,
+            pod: names.cgroup_pods.get(&ev.cgroup_id).map(|m| PodRef {
+                namespace: m.namespace.clone(),
+                name: m.name.clone(),
+                uid: m.uid.clone(),
+                container: m.container.as_ref().map(|c| c.name.clone()),
+                image: m.container.as_ref().map(|c| c.image.clone()).filter(|i| !i.is_empty()),
+            }),
         },
         pid: ev.tgid,
         tid: ev.pid,

@@ -759,6 +759,14 @@ spec:
                 .is_some_and(|c| c.contains(&triton.container))
     });
     assert_eq!(d["policy"], "triton-lockdown");
+    // ... and the pod and container, from the runtime's metadata.
+    let pod = &d["workload"]["pod"];
+    assert_eq!(
+        (pod["namespace"].as_str(), pod["name"].as_str(), pod["uid"].as_str()),
+        (Some("ml"), Some("triton-0"), Some(triton.uid.as_str())),
+        "{d}"
+    );
+    assert_eq!(pod["container"], "server", "{d}");
 
     // namespace + serviceAccount + container + NotIn: the neighbour's worker
     // container, and never triton.

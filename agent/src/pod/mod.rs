@@ -97,6 +97,14 @@ pub enum Lookup {
 }
 
 impl Lookup {
+    /// The pod metadata known so far (complete or from the token only).
+    pub fn metadata(&self) -> Option<Arc<PodMetadata>> {
+        match self {
+            Self::Known(m) | Self::Partial(m) => Some(Arc::clone(m)),
+            _ => None,
+        }
+    }
+
     /// Classified from metadata that a later lookup should replace.
     pub fn is_provisional(&self) -> bool {
         match self {
