@@ -13,7 +13,7 @@ mod svg;
 mod workload;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -78,7 +78,13 @@ enum Expect {
 #[derive(Default)]
 pub struct Results {
     /// (family, config, rules in the map) → ns per call, one per round.
-    pub cost: BTreeMap<(String, String, usize), Vec<f64>>,
+    /// (family, config, rules in the map) → (round, ns per call).
+    pub cost: BTreeMap<(String, String, usize), Vec<(usize, f64)>>,
+    /// The round being measured.
+    pub round: usize,
+    /// (round, rules) slots during which another agent's programs were
+    /// attached: left out of the medians.
+    pub dirty: BTreeSet<(usize, usize)>,
     /// Rules per family for a nominal rule count (connect is capped).
     pub family_rules: BTreeMap<(String, usize), usize>,
     /// Measurements whose outcome was not the expected one.
@@ -124,7 +130,7 @@ impl Results {
         self.cost
             .entry((family.into(), config.into(), n))
             .or_default()
-            .push(o.ns);
+            .push((self.round, o.ns));
     }
 }
 
@@ -213,7 +219,9 @@ fn measure(ctx: &Ctx, res: &mut Results) {
         for &n in &p.rules {
             eprintln!("xtask bench: round {}/{} at {n} rules", round + 1, p.rounds);
             wait_quiet(Duration::from_secs(if p.quick { 5 } else { 20 }));
-            foreign_agents(res, &format!("round {} at {n} rules", round + 1));
+            res.round = round;
+            let at = format!("round {} at {n} rules", round + 1);
+            let dirty_before = foreign_agents(res, &format!("{at}, before"));
             res.family_rules
                 .insert(("connect".into(), n), workload::net_rules(n));
             for fam in ["open", "open, fork per call", "exec"] {
@@ -230,6 +238,9 @@ fn measure(ctx: &Ctx, res: &mut Results) {
                     res.anomalies
                         .push(format!("{name}, round {}, {n} rules: {e:#}", round + 1));
                 }
+            }
+            if foreign_agents(res, &format!("{at}, after")) || dirty_before {
+                res.dirty.insert((round, n));
             }
         }
     }
@@ -270,28 +281,31 @@ fn wait_quiet(max: Duration) {
 /// Other agents (e.g. a concurrent test run), or pinned programs an agent
 /// left behind, attach programs that every syscall of the benchmark then
 /// pays too: say so.
-fn foreign_agents(res: &mut Results, when: &str) {
+fn foreign_agents(res: &mut Results, when: &str) -> bool {
     let ours = foreign_programs();
     if ours > 0 {
         res.anomalies.push(format!(
-            "{when}: {ours} Portcullis tracepoint programs from another agent were attached during the baseline"
+            "{when}: {ours} Portcullis tracepoint programs from another agent were attached; round left out of the medians"
         ));
     }
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return;
+        return ours > 0;
     };
+    let mut found = ours > 0;
     for e in dir.flatten() {
         let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
         if comm.trim() == "portcullis" {
             let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             res.anomalies.push(format!(
-                "{when}: another agent was running (pid {}: {}); its programs add to every configuration",
+                "{when}: another agent was running (pid {}: {}); round left out of the medians",
                 e.file_name().to_string_lossy(),
                 cmd.chars().take(120).collect::<String>()
             ));
+            found = true;
         }
     }
+    found
 }
 
 /// ERROR lines the agent logged during the benchmark.
