@@ -47,9 +47,11 @@ pub fn plot(title: &str, y_label: &str, series: &[Series]) -> String {
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
     let (lx0, lx1) = (xmin.max(1.0).log10() - 0.2, xmax.max(10.0).log10() + 0.2);
+    // Scaled to the medians: one outlier round must not flatten every
+    // line into the axis. Whiskers taller than the plot are clipped.
     let ymax_raw = series
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.3))
+        .flat_map(|s| s.points.iter().map(|p| p.1 * 1.3))
         .fold(0.0, f64::max);
     let (ymax, ystep) = nice(ymax_raw);
     let pw = W - LEFT - RIGHT;
@@ -63,6 +65,11 @@ pub fn plot(title: &str, y_label: &str, series: &[Series]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r##"<text x="{:.1}" y="22" text-anchor="end" font-size="11" fill="#666">points: median; bars: min–max (clipped at the top)</text>"##,
+        W - 10.0
+    );
     let _ = writeln!(
         s,
         r#"<text x="{}" y="22" font-size="15" font-weight="bold">{}</text>"#,
@@ -133,7 +140,7 @@ pub fn plot(title: &str, y_label: &str, series: &[Series]) -> String {
             pts.join(" ")
         );
         for p in &ser.points {
-            let (x, y0, y1) = (px(p.0), py(p.2), py(p.3));
+            let (x, y0, y1) = (px(p.0), py(p.2.min(ymax)), py(p.3.min(ymax)));
             let _ = writeln!(
                 s,
                 r#"<line x1="{x:.1}" x2="{x:.1}" y1="{y0:.1}" y2="{y1:.1}" stroke="{c}"/><circle cx="{x:.1}" cy="{:.1}" r="3" fill="{c}"/>"#,
