@@ -406,6 +406,7 @@ pub async fn run(
         let mut guard = fd.readable_mut().await.map_err(EventsError::Watch)?;
         let ring = guard.get_inner_mut();
         let snapshot = names.read().map(|n| Arc::clone(&n)).unwrap_or_default();
+        let mut batch = 0;
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<Event>() {
                 stats.malformed.fetch_add(1, Relaxed);
@@ -434,10 +435,26 @@ pub async fn run(
                     stats.malformed.fetch_add(1, Relaxed);
                 }
             }
+            batch += 1;
+            if batch == READ_BATCH {
+                break;
+            }
+        }
+        if batch == READ_BATCH {
+            // A flood refills the ring as fast as it drains: without a pause
+            // this task would never yield, starving the tasks queued on its
+            // worker (the metrics endpoint among them). Readiness stays set,
+            // so the next round comes at once.
+            drop(guard);
+            tokio::task::yield_now().await;
+            continue;
         }
         guard.clear_ready();
     }
 }
+
+/// Events handled before the reader lets other tasks run.
+const READ_BATCH: usize = 1024;
 
 #[cfg(test)]
 mod tests {
