@@ -794,6 +794,10 @@ fn boot_and_test(vmlinuz: &Path, initramfs: &Path, bpf_lsm: bool, log: &Path) ->
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     parse_console(&console, &mut outcome);
+    if outcome.passed + outcome.failed + outcome.skipped == 0 {
+        outcome.failed += 1;
+        outcome.notes.push("no test result could be read from the console".into());
+    }
     match exit {
         None => outcome
             .notes
