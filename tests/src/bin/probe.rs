@@ -118,6 +118,12 @@ fn main() -> ExitCode {
 fn hammer(secs: f64, allowed: SocketAddr, denied: SocketAddr, file: &str) {
     let end = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
     let (mut rounds, mut violations, mut first) = (0u64, 0u64, String::new());
+    // A pause between rounds (PORTCULLIS_HAMMER_PAUSE_MS) keeps an emulated
+    // guest's CPU from being all ours and none the agent's.
+    let pause = std::env::var("PORTCULLIS_HAMMER_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis);
     let mut note = |what: String| {
         violations += 1;
         if first.is_empty() {
@@ -126,6 +132,9 @@ fn hammer(secs: f64, allowed: SocketAddr, denied: SocketAddr, file: &str) {
     };
     while std::time::Instant::now() < end {
         rounds += 1;
+        if let Some(p) = pause {
+            std::thread::sleep(p);
+        }
         if let Err(e) = TcpStream::connect(allowed) {
             note(format!("allowed connect {allowed} failed: {e}"));
         }
