@@ -121,17 +121,30 @@ fn bpf_linker() -> Result<()> {
     )
 }
 
-fn apt_tool(binary: &str, package: &str) -> Result<()> {
+/// Installs `package` unless `binary` is on PATH.
+pub(crate) fn apt_tool(binary: &str, package: &str) -> Result<()> {
     if output(Command::new("which").arg(binary)).is_some() {
         eprintln!("setup: {binary}: present");
         return Ok(());
     }
+    apt_install(package)
+}
+
+/// `apt-get install`, refreshing the package lists first only when the
+/// install fails (a fresh machine's lists may be stale or missing).
+pub(crate) fn apt_install(package: &str) -> Result<()> {
+    let install = || {
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", package])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_ok() {
+        return Ok(());
+    }
     status(Command::new("apt-get").args(["update", "-q"]))?;
-    status(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", package])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    install()
 }
 
 /// Installs a Debian package unless dpkg already has it (for packages whose
@@ -143,12 +156,7 @@ fn apt_package(package: &str) -> Result<()> {
         eprintln!("setup: {package}: present");
         return Ok(());
     }
-    status(Command::new("apt-get").args(["update", "-q"]))?;
-    status(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", package])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    apt_install(package)
 }
 
 /// Where `kubernetes-validate` lives: a venv of its own, so the system

@@ -56,9 +56,9 @@ pub fn run(root: &Path) -> Result<()> {
     let started = Instant::now();
     let cache = cache_dir();
     fs::create_dir_all(&cache)?;
-    apt_tool("qemu-system-x86_64", "qemu-system-x86")?;
+    crate::setup::apt_tool("qemu-system-x86_64", "qemu-system-x86")?;
     if !is_static(Path::new("/bin/busybox")) {
-        apt_install("busybox-static")?;
+        crate::setup::apt_install("busybox-static")?;
     }
 
     let kernels = kernels(&cache);
@@ -177,28 +177,6 @@ fn status(cmd: &mut Command) -> Result<()> {
         bail!("{} failed ({st})", crate::describe(cmd));
     }
     Ok(())
-}
-
-fn apt_tool(binary: &str, package: &str) -> Result<()> {
-    if output(Command::new("which").arg(binary)).is_some() {
-        return Ok(());
-    }
-    apt_install(package)
-}
-
-fn apt_install(package: &str) -> Result<()> {
-    let install = || {
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends", package])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    if install().is_ok() {
-        return Ok(());
-    }
-    status(Command::new("apt-get").args(["update", "-q"]))?;
-    install()
 }
 
 /// True when `path` is an ELF with no program interpreter (static or
