@@ -118,6 +118,10 @@ pub struct Compiled {
     pub warnings: Vec<String>,
     /// See [`Numbering::only_from_base`].
     pub only_from_base: u32,
+    /// The Unix second time-bound approvals were judged at: one lapsing at
+    /// or before it is absent. The daemon's lapse timer counts from here,
+    /// not from its own "now", so a lapse it woke up late for is not lost.
+    pub judged_at: i64,
 }
 
 impl Compiled {
@@ -320,7 +324,7 @@ impl Builder<'_> {
         // Time-bound approvals that have lapsed are compiled as absent (the
         // daemon recompiles when the next one lapses). Rule numbers keep
         // their place in the file, so the log names the rule as written.
-        let now = crate::policy::unix_now();
+        let now = self.out.judged_at;
         if let Some(exec) = &policy.exec {
             pr.cfg.flags |= HAS_EXEC;
             pr.cfg.exec_deny_enforce = (exec.default == DefaultAction::Deny) as u32;
@@ -454,6 +458,7 @@ pub fn compile(
         policies,
     };
     b.out.only_from_base = numbering.only_from_base;
+    b.out.judged_at = crate::policy::unix_now();
     b.out.rules.push(RuleInfo {
         policy: String::new(),
         rule: "default".into(),

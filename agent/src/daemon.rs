@@ -35,6 +35,10 @@ use crate::{
 /// hook that read a cgroup's old identity just before the flip may still look
 /// up that identity's rules. Hooks run for microseconds; this is generous.
 const RETIRE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a changed policy file must hold still before the watcher
+/// reloads it (`echo > file` truncates first, then writes).
+const WATCH_SETTLE: Duration = Duration::from_millis(50);
 /// Generations whose onlyFrom set ids are told apart (see
 /// [`State::numbering`]); far more than can await retirement at once.
 const ONLY_FROM_GENERATIONS: u32 = 200;
@@ -554,8 +558,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut retire = tokio::time::interval(RETIRE_GRACE / 4);
     loop {
         // The next time-bound approval to lapse: recompile then, so it stops
-        // applying with no file change.
-        let lapse = policy::next_expiry(&state.policies, policy::unix_now());
+        // applying with no file change. Counted from when the policy in
+        // force was compiled: another branch winning the select at the
+        // lapse second must not make the loop skip past it (a wait of zero
+        // reloads at once).
+        let lapse = policy::next_expiry(&state.policies, state.compiled.judged_at);
         let until_lapse = async move {
             match lapse {
                 Some(t) => {
@@ -570,8 +577,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             _ = hup.recv() => state.reload("SIGHUP"),
             _ = until_lapse => state.reload("a time-bound approval lapsed"),
             _ = watch.tick() => {
-                if fingerprint(&state.paths) != state.fingerprint {
-                    state.reload("policy files changed");
+                let seen = fingerprint(&state.paths);
+                if seen != state.fingerprint {
+                    // A file caught mid-write (truncated, half written) must
+                    // not be applied: reload once it holds still briefly.
+                    tokio::time::sleep(WATCH_SETTLE).await;
+                    if fingerprint(&state.paths) == seen {
+                        state.reload("policy files changed");
+                    }
                 }
             }
             _ = rescan.tick() => state.rescan(),

@@ -49,6 +49,9 @@ struct Outcome {
     backend_exec: String,
     backend_open: String,
     notes: Vec<String>,
+    /// libtest's `failures:` sections (panic message, agent log), shown
+    /// above the table: CI keeps only the tail of what a run prints.
+    failures: Vec<String>,
     secs: f64,
 }
 
@@ -130,6 +133,11 @@ pub fn run(root: &Path) -> Result<()> {
         results.push(outcome);
     }
 
+    for (b, r) in boots.iter().zip(&results) {
+        for f in &r.failures {
+            print_failure(&boot_name(b), f);
+        }
+    }
     print_table(&boots, &results, started.elapsed());
     let failed: Vec<_> = boots
         .iter()
@@ -844,8 +852,22 @@ fn parse_console(console: &str, out: &mut Outcome) {
     let mut skipped: Vec<String> = Vec::new();
     let mut section = String::new();
     let mut ended = Vec::new();
+    // Inside libtest's first `failures:` heading of an executable (the
+    // second one only lists names).
+    let mut failure: Option<String> = None;
     for raw in console.lines() {
         let line = raw.trim_end_matches('\r');
+        if line == "failures:" {
+            match failure.take() {
+                Some(f) => out.failures.push(f),
+                None => failure = Some(format!("{current}:\n")),
+            }
+            continue;
+        }
+        if let Some(f) = failure.as_mut() {
+            f.push_str(line);
+            f.push('\n');
+        }
         if let Some(b) = line.strip_prefix("PORTCULLIS-VM-BACKEND ") {
             let value = |hook: &str| {
                 b.strip_prefix(&format!("portcullis_backend{{hook=\"{hook}\",backend=\""))
@@ -913,6 +935,21 @@ fn parse_console(console: &str, out: &mut Outcome) {
     }
 }
 
+/// One failed test executable's `failures:` section, the first lines of
+/// each test's output (the panic message comes first; an agent log after it
+/// can be long, the full text is in the console log).
+fn print_failure(boot: &str, text: &str) {
+    const MAX_LINES: usize = 40;
+    eprintln!("vm: {boot}: failure output of {}", text.lines().next().unwrap_or_default());
+    for section in text.split("\n---- ").skip(1) {
+        eprintln!("  | ---- {}", section.lines().next().unwrap_or_default());
+        for l in section.lines().skip(1).filter(|l| !l.trim().is_empty()).take(MAX_LINES) {
+            let cut: String = l.chars().take(240).collect();
+            eprintln!("  | {cut}");
+        }
+    }
+}
+
 fn print_table(boots: &[Boot], results: &[Outcome], total: Duration) {
     eprintln!();
     eprintln!("VM matrix (QEMU TCG, Debian cloud kernels):");
@@ -973,5 +1010,26 @@ fn print_table(boots: &[Boot], results: &[Outcome], total: Duration) {
             r.skipped,
             r.secs
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_test_is_counted_and_its_panic_kept() {
+        let console = "PORTCULLIS-VM-TEST-BEGIN e2e-test-enforce\n\
+            test a ... ok\ntest b ... FAILED\n\nsuccesses:\n    a\n\nfailures:\n\n\
+            ---- b stdout ----\nthread 'b' panicked at tests/enforce.rs:1:1:\nboom\n\n\
+            failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed\n\
+            PORTCULLIS-VM-TEST-END e2e-test-enforce rc=101\n";
+        let mut out = Outcome::default();
+        parse_console(console, &mut out);
+        assert_eq!((out.passed, out.failed), (1, 1));
+        assert_eq!(out.failures.len(), 1);
+        assert!(out.failures[0].starts_with("e2e-test-enforce:"), "{:?}", out.failures);
+        assert!(out.failures[0].contains("---- b stdout ----\nthread 'b' panicked"));
+        assert!(out.failures[0].contains("boom") && !out.failures[0].contains("test result"));
     }
 }
