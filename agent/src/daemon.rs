@@ -97,6 +97,8 @@ pub struct Config {
 struct State {
     root: PathBuf,
     policies: Vec<Policy>,
+    /// The policy files as last parsed, reused while their text is unchanged.
+    parsed: policy::ParseCache,
     compiled: Arc<Compiled>,
     names: events::SharedNames,
     maps: PolicyMaps,
@@ -121,6 +123,18 @@ fn log_policy_errors(errors: &[policy::PolicyError]) {
 
 /// Modification times and sizes of every policy file, to notice edits
 /// (including files added to or removed from a policy directory).
+/// Hands the heap's free pages back to the kernel. A reload builds the next
+/// generation beside the one in force; once the old one is dropped, glibc
+/// keeps its pages (measured: RSS 188 MB before and 363 MB after one reload
+/// of 232 000 rules). Elsewhere a no-op.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     let mut files = Vec::new();
     for p in paths {
@@ -194,6 +208,7 @@ impl State {
     /// Deletes the rules of generations whose grace period is over (or the
     /// oldest one, when `force`).
     fn retire_due(&mut self, force: bool) {
+        let mut retired = false;
         while let Some((due, _)) = self.retiring.front() {
             if !force && *due > Instant::now() {
                 break;
@@ -202,9 +217,13 @@ impl State {
                 break;
             };
             self.maps.retire(&old, &self.compiled);
+            retired = true;
             if force {
                 break;
             }
+        }
+        if retired {
+            release_free_memory();
         }
     }
 
@@ -238,7 +257,15 @@ impl State {
     /// generation in force stays untouched.
     fn reload(&mut self, why: &str) {
         self.fingerprint = fingerprint(&self.paths);
-        let policies = match policy::load_paths(&self.paths) {
+        // Where a reload's time goes, for the log (large rule sets).
+        let started = Instant::now();
+        let mut phase = started;
+        let mut lap = || {
+            let ms = phase.elapsed().as_millis() as u64;
+            phase = Instant::now();
+            ms
+        };
+        let policies = match policy::load_paths_cached(&self.paths, &mut self.parsed) {
             Ok(p) => p,
             Err(errors) => {
                 log_policy_errors(&errors);
@@ -251,17 +278,21 @@ impl State {
                 return;
             }
         };
+        let parse_ms = lap();
         let mut cgroups = identity::scan(&self.root);
         self.pods.annotate_blocking(&mut cgroups);
         self.generation += 1;
+        let mut compile_ms = 0;
         let result = compile::compile(&policies, &cgroups, self.numbering())
             .map(|c| self.metrics.with_policy_slots(c))
             .map_err(DaemonError::from)
             .and_then(|new| {
+                compile_ms = lap();
                 self.make_room(&new);
                 self.maps.apply(Some(&self.compiled), &new)?;
                 Ok(new)
             });
+        let write_ms = lap();
         if result.is_ok() {
             let old = Arc::clone(&self.compiled);
             self.schedule_retire(old);
@@ -291,6 +322,10 @@ impl State {
                     rules_after = new.rules.len().saturating_sub(1),
                     identities = new.identity_cfg.len(),
                     cgroups = new.cgroups.len(),
+                    parse_ms,
+                    compile_ms,
+                    write_ms,
+                    total_ms = started.elapsed().as_millis() as u64,
                     "policy applied"
                 );
                 // The rules themselves at debug: a 100k-rule reload must not
@@ -422,7 +457,8 @@ impl State {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
-    let policies = policy::load_paths(&cfg.policy_paths).map_err(|errors| {
+    let mut parsed = policy::ParseCache::default();
+    let policies = policy::load_paths_cached(&cfg.policy_paths, &mut parsed).map_err(|errors| {
         log_policy_errors(&errors);
         DaemonError::InvalidPolicy {
             count: errors.len(),
@@ -461,6 +497,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut state = State {
         root: root.clone(),
         policies: Vec::new(),
+        parsed,
         compiled: Arc::new(Compiled::default()),
         names: Arc::new(RwLock::new(Arc::new(Compiled::default()))),
         maps,
@@ -526,6 +563,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     );
     state.publish(first);
     metrics.reload(true);
+    // The parsed files and the compile's scratch are gone now.
+    release_free_memory();
 
     let (mkdir_tx, mut mkdir_rx) = mpsc::unbounded_channel();
     let sink = Sink::open(cfg.decisions_file.clone(), cfg.decisions_rotation)?;

@@ -10,7 +10,7 @@
 //! (a map is full), the new entries are removed again and the old generation
 //! stays in force untouched.
 
-use std::{collections::BTreeSet, hash::Hash};
+use std::{collections::BTreeSet, hash::Hash, sync::Arc};
 
 use aya::{
     Ebpf, Pod,
@@ -154,15 +154,16 @@ impl PolicyMaps {
         Compiled {
             cgroups: self.identities.iter().filter_map(Result::ok).collect(),
             identity_cfg: self.identity_cfg.iter().filter_map(Result::ok).collect(),
-            exec: self.exec.iter().filter_map(Result::ok).collect(),
-            files: self.files.iter().filter_map(Result::ok).collect(),
-            only_from: self.only_from.keys().filter_map(Result::ok).collect(),
-            net: self
-                .net
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(k, v)| ((k.prefix_len(), k.data()), v))
-                .collect(),
+            exec: Arc::new(self.exec.iter().filter_map(Result::ok).collect()),
+            files: Arc::new(self.files.iter().filter_map(Result::ok).collect()),
+            only_from: Arc::new(self.only_from.keys().filter_map(Result::ok).collect()),
+            net: Arc::new(
+                self.net
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+                    .collect(),
+            ),
             ..Compiled::default()
         }
     }
@@ -191,7 +192,7 @@ impl PolicyMaps {
             new.files.iter().map(|(k, v)| (*k, *v)),
             &|k| old.files.contains_key(k),
         )?;
-        for (&(len, data), v) in &new.net {
+        for (&(len, data), v) in new.net.iter() {
             self.net
                 .insert(&Key::new(len, data), *v, 0)
                 .map_err(err(MAP_NET_RULES))?;

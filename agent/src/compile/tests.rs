@@ -319,3 +319,42 @@ fn pod_selectors_need_known_metadata_and_pending_cgroups_stay_unmapped() {
     );
     assert_ne!(c.cgroups[&2], c.cgroups[&3]);
 }
+
+/// A policy set first seen after the compile gets its identity from the
+/// generation's resolved rules: the rule table is not registered again, the
+/// new identity's rules carry the same rule ids, and a copy made to publish
+/// the next version shares the rule tables until one is written.
+#[test]
+fn a_later_policy_set_reuses_the_generations_rules() {
+    let exe = std::env::current_exe().unwrap();
+    let mut pa = policy("pa", "/a/**");
+    pa.exec = Some(ExecRules {
+        default: DefaultAction::Deny,
+        allow: vec![path(&exe.display().to_string())],
+        deny: vec![],
+    });
+    pa.egress = Some(EgressRules {
+        default: DefaultAction::Allow,
+        allow: vec![],
+        deny: vec![v4([10, 0, 0, 0], 8, vec![])],
+    });
+    let policies = [pa, policy("pb", "/b/**")];
+    let c = compile(&policies, &cgroups(), N).unwrap();
+    let rules = c.rules.len();
+
+    let mut next = c.clone();
+    assert!(Arc::ptr_eq(&next.rules, &c.rules) && Arc::ptr_eq(&next.exec, &c.exec));
+    add_identity(&mut next, &policies, &[0, 1], 42).unwrap();
+    assert_eq!(next.rules.len(), rules, "no rule registered twice");
+    assert_eq!(next.identity_of_set[&vec![0, 1]], 42);
+    let id_of = |c: &Compiled, identity| {
+        c.exec.iter().find(|(k, _)| k.identity == identity).map(|(_, v)| v.rules[0].rule_id)
+    };
+    assert_eq!(id_of(&next, 42), id_of(&c, c.cgroups[&2]));
+    assert!(next.net.keys().any(|(_, data)| data[..4] == 42u32.to_be_bytes()));
+    assert!(!Arc::ptr_eq(&next.exec, &c.exec), "written: copied");
+    assert!(c.exec.keys().all(|k| k.identity != 42), "the published version is untouched");
+
+    // Policies from another generation are refused, not mixed in.
+    assert!(matches!(add_identity(&mut next, &policies[..1], &[0], 43), Err(CompileError::Stale)));
+}

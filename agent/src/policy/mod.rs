@@ -14,7 +14,7 @@ mod tests;
 use std::{net::Ipv6Addr, path::PathBuf};
 
 pub use labels::{LabelOperator, LabelRequirement, LabelSelector};
-pub use parse::{PolicyError, load_paths, parse_str};
+pub use parse::{ParseCache, PolicyError, load_paths, load_paths_cached, parse_str};
 
 /// `apiVersion` every policy must carry.
 pub const API_VERSION: &str = "portcullis.dev/v1alpha1";

@@ -1157,3 +1157,33 @@ fn uid_selector_parses_numbers_and_ranges() {
         assert_error(&text(uid), 8, "spec.selector.uid", message);
     }
 }
+
+/// A reload reuses the parse of files whose text did not change, and sees
+/// every change, error and removal as a fresh load would.
+#[test]
+fn cached_loads_match_fresh_loads() {
+    let dir = TempDir::new();
+    dir.write("a.yaml", &minimal("a"));
+    dir.write("b.yaml", &minimal("b"));
+    let paths = [dir.0.clone()];
+    let mut cache = ParseCache::default();
+    let names = |r: &Result<Vec<Policy>, Vec<PolicyError>>| -> Vec<String> {
+        r.as_ref().unwrap().iter().map(|p| p.name.clone()).collect()
+    };
+    let first = load_paths_cached(&paths, &mut cache);
+    assert_eq!(names(&first), ["a", "b"]);
+    assert_eq!(cache.len(), 2);
+
+    // A broken file fails the load with the same errors; the good one stays cached.
+    dir.write("b.yaml", "apiVersion: [");
+    let broken = load_paths_cached(&paths, &mut cache);
+    assert_eq!(broken.unwrap_err(), load_paths(&paths).unwrap_err());
+    assert_eq!(cache.len(), 1);
+
+    dir.write("b.yaml", &minimal("b2"));
+    assert_eq!(names(&load_paths_cached(&paths, &mut cache)), ["a", "b2"]);
+    std::fs::remove_file(dir.0.join("a.yaml")).unwrap();
+    let after = load_paths_cached(&paths, &mut cache);
+    assert_eq!(after, load_paths(&paths));
+    assert_eq!((names(&after), cache.len()), (vec!["b2".to_owned()], 1));
+}
