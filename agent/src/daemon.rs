@@ -121,8 +121,6 @@ fn log_policy_errors(errors: &[policy::PolicyError]) {
     }
 }
 
-/// Modification times and sizes of every policy file, to notice edits
-/// (including files added to or removed from a policy directory).
 /// Hands the heap's free pages back to the kernel. A reload builds the next
 /// generation beside the one in force; once the old one is dropped, glibc
 /// keeps its pages (measured: RSS 188 MB before and 363 MB after one reload
@@ -135,6 +133,8 @@ fn release_free_memory() {
     }
 }
 
+/// Modification times and sizes of every policy file, to notice edits
+/// (including files added to or removed from a policy directory).
 fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     let mut files = Vec::new();
     for p in paths {
