@@ -540,6 +540,32 @@ pub fn add_identity(
     Ok(())
 }
 
+/// The rules `new` adds to and removes from `old`, as `policy: rule` text
+/// without the rule's position (`exec.allow /usr/bin/gdb`): a rule inserted
+/// at the top of a list shows as one added rule, not as every rule below it
+/// renumbered. A changed CIDR or path shows as one removed and one added.
+pub fn rule_changes(old: &Compiled, new: &Compiled) -> (Vec<String>, Vec<String>) {
+    let set = |c: &Compiled| -> BTreeSet<String> {
+        c.rules.iter().skip(1).map(|r| format!("{}: {}", r.policy, unnumbered(&r.rule))).collect()
+    };
+    let (before, after) = (set(old), set(new));
+    (
+        after.difference(&before).cloned().collect(),
+        before.difference(&after).cloned().collect(),
+    )
+}
+
+/// `network.egress.allow[3] 10.0.0.0/8` → `network.egress.allow 10.0.0.0/8`.
+fn unnumbered(rule: &str) -> String {
+    match rule.split_once(' ') {
+        Some((place, what)) => {
+            let place = place.split_once('[').map_or(place, |(p, _)| p);
+            format!("{place} {what}")
+        }
+        None => rule.to_owned(),
+    }
+}
+
 fn names(policies: &[Policy], set: &[usize]) -> String {
     set.iter()
         .map(|&i| policies[i].name.as_str())

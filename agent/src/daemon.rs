@@ -303,14 +303,7 @@ impl State {
                 let now: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
                 let added: Vec<&str> = now.iter().filter(|n| !old.contains(n)).copied().collect();
                 let removed: Vec<&str> = old.iter().filter(|n| !now.contains(n)).copied().collect();
-                // Rules as "policy: rule" text, so a changed CIDR or path shows
-                // as one removed and one added.
-                let rule_set = |c: &Compiled| -> std::collections::BTreeSet<String> {
-                    c.rules.iter().skip(1).map(|r| format!("{}: {}", r.policy, r.rule)).collect()
-                };
-                let (rules_old, rules_new) = (rule_set(&self.compiled), rule_set(&new));
-                let rules_added: Vec<&String> = rules_new.difference(&rules_old).collect();
-                let rules_removed: Vec<&String> = rules_old.difference(&rules_new).collect();
+                let (rules_added, rules_removed) = compile::rule_changes(&self.compiled, &new);
                 tracing::info!(
                     reason = why,
                     policies = now.len(),

@@ -358,3 +358,24 @@ fn a_later_policy_set_reuses_the_generations_rules() {
     // Policies from another generation are refused, not mixed in.
     assert!(matches!(add_identity(&mut next, &policies[..1], &[0], 43), Err(CompileError::Stale)));
 }
+
+/// The reload log counts rules by what they say, not where they stand: a
+/// CIDR inserted at the top of a list is one added rule.
+#[test]
+fn rule_changes_ignore_renumbering() {
+    let with = |cidrs: &[[u8; 4]]| {
+        let mut p = policy("egress", "/a/**");
+        p.egress = Some(EgressRules {
+            default: DefaultAction::Deny,
+            allow: cidrs.iter().map(|&a| v4(a, 32, vec![])).collect(),
+            deny: vec![],
+        });
+        compile(&[p], &cgroups(), N).unwrap()
+    };
+    let old = with(&[[10, 0, 0, 1], [10, 0, 0, 2]]);
+    let new = with(&[[192, 168, 0, 1], [10, 0, 0, 1]]);
+    let (added, removed) = rule_changes(&old, &new);
+    assert_eq!(added, ["egress: network.egress.allow 192.168.0.1/32"]);
+    assert_eq!(removed, ["egress: network.egress.allow 10.0.0.2/32"]);
+    assert_eq!(rule_changes(&new, &new), (vec![], vec![]));
+}
