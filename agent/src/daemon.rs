@@ -594,14 +594,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         // force was compiled: another branch winning the select at the
         // lapse second must not make the loop skip past it (a wait of zero
         // reloads at once).
-        let lapse = policy::next_expiry(&state.policies, state.compiled.judged_at);
+        let lapse = policy::lapse_wait(&state.policies, state.compiled.judged_at, SystemTime::now());
         let until_lapse = async move {
             match lapse {
-                Some(t) => {
-                    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
-                    let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-                    tokio::time::sleep(wait + Duration::from_millis(20)).await;
-                }
+                Some(wait) => tokio::time::sleep(wait + Duration::from_millis(20)).await,
                 None => std::future::pending::<()>().await,
             }
         };

@@ -175,6 +175,15 @@ pub fn next_expiry(policies: &[Policy], now: i64) -> Option<i64> {
     exec.chain(net).flatten().filter(|&u| u > now).min()
 }
 
+/// How long the agent waits before recompiling for the next lapsing
+/// approval, or `None` when none is in force. Counted from `judged_at`, the
+/// second the policy in force was compiled at: an approval that lapsed since
+/// (the agent woke up late) is due at once, never skipped as already past.
+pub fn lapse_wait(policies: &[Policy], judged_at: i64, now: std::time::SystemTime) -> Option<std::time::Duration> {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(next_expiry(policies, judged_at)?.max(0) as u64);
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
 /// Parses an RFC 3339 timestamp (`2026-12-01T12:00:00Z`, fractional
 /// seconds and `+hh:mm` offsets allowed) to Unix seconds.
 pub fn parse_rfc3339(s: &str) -> Result<i64, String> {

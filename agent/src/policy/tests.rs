@@ -1121,6 +1121,15 @@ fn time_bound_approvals_parse_and_are_checked() {
     assert_eq!(crate::policy::next_expiry(&policies, 0), Some(1_796_126_400));
     assert_eq!(crate::policy::next_expiry(&policies, 1_796_126_400), Some(1_796_130_000));
     assert_eq!(crate::policy::next_expiry(&policies, 1_796_130_000), None);
+    // The wait counts from when the policy in force was compiled: woken
+    // after an approval's end (another event came first), the agent
+    // recompiles at once instead of skipping that lapse.
+    let at = |t: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(t);
+    let wait = |judged, now| crate::policy::lapse_wait(&policies, judged, at(now));
+    assert_eq!(wait(1_796_126_000, 1_796_126_390), Some(std::time::Duration::from_secs(10)));
+    assert_eq!(wait(1_796_126_000, 1_796_126_401), Some(std::time::Duration::ZERO));
+    assert_eq!(wait(1_796_126_400, 1_796_126_401), Some(std::time::Duration::from_secs(3599)));
+    assert_eq!(wait(1_796_130_000, 1_796_130_001), None);
 
     assert_spec_error(
         "  network:\n    egress:\n      deny:\n        - { cidr: 10.0.0.0/8, until: \"2026-12-01T12:00:00Z\" }\n",
