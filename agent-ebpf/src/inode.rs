@@ -6,7 +6,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_loop};
 use portcullis_common::{
-    EVENT_DECISION, EVENT_NAME_LEN, EVENT_NAMES, Event, INODE_RULES_PER_KEY, InodeKey,
+    EVENT_DECISION, EVENT_NAME_LEN, EVENT_NAMES, Event, INODE_RULES_PER_KEY, IdentityConfig, InodeKey,
     InodeRuleSet, KernelOffsets, MAX_PATH_DEPTH, MODE_ENFORCE, RULE_LOG_ALLOW, RULE_SUBTREE,
 };
 
@@ -28,6 +28,8 @@ pub struct Request {
     pub deny_audit: u32,
     /// `identity::active_policies` of the acting task.
     pub active: u32,
+    /// The identity's config (a map value, valid for the program run).
+    pub cfg: &'static IdentityConfig,
 }
 
 /// What was decided about which inode.
@@ -244,7 +246,7 @@ pub fn report(
 ) {
     let d = &out.decision;
     count_decision(action, d.verdict);
-    count_policy_decision(req.identity, action, d.verdict, d.hit.policy_bit);
+    count_policy_decision(req.cfg, action, d.verdict, d.hit.policy_bit);
     if !d.emits() {
         return;
     }

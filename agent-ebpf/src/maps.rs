@@ -75,16 +75,15 @@ pub fn count_decision(action: u8, verdict: u8) {
     }
 }
 
-/// Adds one to the per-policy counter of a deny or audit decision of
-/// `identity` whose deciding policy is the identity's `policy_bit`-th.
+/// Adds one to the per-policy counter of a deny or audit decision whose
+/// deciding policy is the `policy_bit`-th of the acting identity, whose
+/// config (already looked up by every caller) is `cfg`.
 /// Allows are not attributed (several policies may have agreed).
 #[inline(always)]
-pub fn count_policy_decision(identity: u32, action: u8, verdict: u8, policy_bit: u8) {
+pub fn count_policy_decision(cfg: &IdentityConfig, action: u8, verdict: u8, policy_bit: u8) {
     if verdict == VERDICT_ALLOW {
         return;
     }
-    // SAFETY: the value is copied out at once.
-    let Some(cfg) = (unsafe { IDENTITY_CFG.get(&identity) }) else { return };
     let slot = cfg.policy_slots[(policy_bit & 31) as usize];
     if let Some(p) = POLICY_DECISIONS.get_ptr_mut(policy_decision_index(slot, action, verdict)) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.

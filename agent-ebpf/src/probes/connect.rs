@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use portcullis_common::{
-    ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET,
+    ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET, IdentityConfig,
     IDENTITY_UNRESTRICTED, MODE_ENFORCE, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet,
     RULE_LOG_ALLOW, VERDICT_ALLOW, VERDICT_DENY,
 };
@@ -121,7 +121,7 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool) -> Result<u8, ()> {
         let m = scan.m;
         m.finish(cfg.net_deny_enforce, cfg.net_deny_audit)
     };
-    report(cgid, id, &d, &addr, port, proto, if v6 { 6 } else { 4 });
+    report(cgid, id, cfg, &d, &addr, port, proto, if v6 { 6 } else { 4 });
     Ok(d.verdict)
 }
 
@@ -164,9 +164,19 @@ extern "C" fn net_rule(i: u64, ctx: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn report(cgid: u64, id: u32, d: &Decision, addr: &[u8; 16], port: u16, proto: u8, family: u8) {
+#[allow(clippy::too_many_arguments)]
+fn report(
+    cgid: u64,
+    id: u32,
+    cfg: &IdentityConfig,
+    d: &Decision,
+    addr: &[u8; 16],
+    port: u16,
+    proto: u8,
+    family: u8,
+) {
     count_decision(ACTION_CONNECT, d.verdict);
-    count_policy_decision(id, ACTION_CONNECT, d.verdict, d.hit.policy_bit);
+    count_policy_decision(cfg, ACTION_CONNECT, d.verdict, d.hit.policy_bit);
     if !d.emits() {
         return;
     }

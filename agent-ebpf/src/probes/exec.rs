@@ -84,6 +84,7 @@ fn try_exec(bprm: *const u8, backend: u8) -> Result<u8, i64> {
         deny_enforce: cfg.exec_deny_enforce,
         deny_audit: cfg.exec_deny_audit,
         active: identity::active_policies(&cfg),
+        cfg,
     };
     let out = inode::decide(&o, RuleMap::Exec, file, &req)?;
     let filename = read::<u64>(bprm, o.linux_binprm_filename)

@@ -133,6 +133,7 @@ fn try_open(file: *const u8, backend: u8) -> Result<u8, i64> {
         deny_enforce: 0,
         deny_audit: 0,
         active: identity::active_policies(&cfg),
+        cfg,
     };
     let out = inode::decide(&o, RuleMap::File, file, &req)?;
     inode::report(&o, ACTION_OPEN, backend, &req, &out, None);
