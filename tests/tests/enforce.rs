@@ -164,6 +164,9 @@ fn exec_default_deny_kills_unlisted_binaries_and_allows_listed_ones() {
     let d = agent.wait_decision("exec deny line", |d| d["action"] == "exec");
     assert_eq!(d["verdict"], "deny");
     assert_eq!(d["rule"], "default");
+    let per_policy = r#"portcullis_decisions_total{action="exec",verdict="deny",policy="exec-allowlist"}"#;
+    // Counted in the kernel per deciding policy: the two denied execs.
+    assert!(agent.metric(per_policy) >= 2.0, "{}", agent.metric(per_policy));
     assert_eq!(d["target"]["access"], "exec");
 
     let allow_both = format!(
@@ -246,6 +249,9 @@ fn denied_file_stays_denied_through_every_path_to_it() {
     let d = agent.wait_decision("open deny line", |d| d["action"] == "open");
     assert_eq!(d["verdict"], "deny");
     assert_eq!(d["policy"], "datasets");
+    // Counted in the kernel per deciding policy: the six denied opens.
+    let per_policy = r#"portcullis_decisions_total{action="open",verdict="deny",policy="datasets"}"#;
+    assert!(agent.metric(per_policy) >= 6.0, "{}", agent.metric(per_policy));
     assert_eq!(d["target"]["access"], "read");
     assert!(
         d["target"]["path"]
