@@ -399,6 +399,30 @@ fn killed(s: WaitStatus) -> bool {
     matches!(s, WaitStatus::Signaled(_, Signal::SIGKILL, _))
 }
 
+/// Execs `path` with no arguments; 127 if the exec itself failed.
+fn execv(path: &CString) -> i32 {
+    let argv = [path.as_ptr(), std::ptr::null()];
+    // SAFETY: NUL-terminated argv of valid C strings.
+    unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+    127
+}
+
+/// A copy of `/bin/true` at `<dir>/bin/t` and the exec hook loaded for `cg`.
+fn exec_fixture(cg: &TestCgroup) -> (TempDir, PathBuf, Kernel) {
+    let dir = TempDir::new();
+    fs::create_dir(dir.0.join("bin")).unwrap();
+    let bin = dir.0.join("bin/t");
+    fs::copy("/bin/true", &bin).unwrap();
+    let k = load(
+        cg,
+        IdentityConfig {
+            flags: HAS_EXEC,
+            ..Default::default()
+        },
+    );
+    (dir, bin, k)
+}
+
 #[test]
 fn exec_of_denied_binary_is_killed() {
     if !require_root() {
@@ -421,12 +445,7 @@ fn exec_of_denied_binary_is_killed() {
 
     let exec = |p: &Path| {
         let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-        move || {
-            let argv = [c.as_ptr(), std::ptr::null()];
-            // SAFETY: NUL-terminated argv.
-            unsafe { libc::execv(c.as_ptr(), argv.as_ptr()) };
-            127
-        }
+        move || execv(&c)
     };
     let s = cg.run(exec(&denied));
     assert!(killed(s), "denied exec: {s:?}");
@@ -454,26 +473,11 @@ fn exec_subtree_rule_applies_below_directory() {
         return;
     }
     let cg = TestCgroup::new();
-    let dir = TempDir::new();
-    fs::create_dir(dir.0.join("bin")).unwrap();
-    let bin = dir.0.join("bin/t");
-    fs::copy("/bin/true", &bin).unwrap();
-    let mut k = load(
-        &cg,
-        IdentityConfig {
-            flags: HAS_EXEC,
-            ..Default::default()
-        },
-    );
+    let (dir, bin, mut k) = exec_fixture(&cg);
     let mut set = deny_all_rule(9);
     add_inode_rule(&mut k, MAP_EXEC_RULES, &dir.0, set);
     let c = CString::new(bin.as_os_str().as_bytes()).unwrap();
-    let run = || {
-        let argv = [c.as_ptr(), std::ptr::null()];
-        // SAFETY: NUL-terminated argv.
-        unsafe { libc::execv(c.as_ptr(), argv.as_ptr()) };
-        127
-    };
+    let run = || execv(&c);
     // Without RULE_SUBTREE a directory rule does not govern its contents.
     assert_eq!(exit_code(cg.run(run)), 0);
     set.rules[0].flags = portcullis_common::RULE_SUBTREE;
@@ -506,17 +510,7 @@ fn first_denying_rule_is_reported() {
         return;
     }
     let cg = TestCgroup::new();
-    let dir = TempDir::new();
-    fs::create_dir(dir.0.join("bin")).unwrap();
-    let bin = dir.0.join("bin/t");
-    fs::copy("/bin/true", &bin).unwrap();
-    let mut k = load(
-        &cg,
-        IdentityConfig {
-            flags: HAS_EXEC,
-            ..Default::default()
-        },
-    );
+    let (dir, bin, mut k) = exec_fixture(&cg);
     let mut set = deny_all_rule(31);
     set.count = 2;
     set.rules[1] = InodeRule {
@@ -528,12 +522,7 @@ fn first_denying_rule_is_reported() {
     dir_set.rules[0].flags = portcullis_common::RULE_SUBTREE;
     add_inode_rule(&mut k, MAP_EXEC_RULES, &dir.0, dir_set);
     let c = CString::new(bin.as_os_str().as_bytes()).unwrap();
-    let s = cg.run(|| {
-        let argv = [c.as_ptr(), std::ptr::null()];
-        // SAFETY: NUL-terminated argv.
-        unsafe { libc::execv(c.as_ptr(), argv.as_ptr()) };
-        127
-    });
+    let s = cg.run(|| execv(&c));
     assert!(killed(s), "{s:?}");
     let events = decisions(&mut k);
     assert_eq!(
@@ -553,12 +542,7 @@ fn first_denying_rule_is_reported() {
     let mut empty = InodeRuleSet::default();
     empty.count = 0;
     add_inode_rule(&mut k, MAP_EXEC_RULES, &dir.0, empty);
-    let s = cg.run(|| {
-        let argv = [c.as_ptr(), std::ptr::null()];
-        // SAFETY: NUL-terminated argv.
-        unsafe { libc::execv(c.as_ptr(), argv.as_ptr()) };
-        127
-    });
+    let s = cg.run(|| execv(&c));
     assert_eq!(exit_code(s), 0);
     let reported = if verifier_checks_loop_callbacks_once() { 42 } else { 41 };
     assert_eq!(
