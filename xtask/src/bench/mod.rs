@@ -371,6 +371,25 @@ fn baseline(ctx: &Ctx, res: &mut Results, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// One measured loop: report family, report row, `bench-loop` operation,
+/// its argument, iterations, and the outcome the loop must see.
+type Case<'a> = (&'a str, &'a str, &'a str, &'a str, u64, Expect);
+
+/// Runs each case at `n` rules and records it; `after` runs after each one.
+fn run_cases(
+    lp: &Loop,
+    res: &mut Results,
+    n: usize,
+    cases: &[Case],
+    mut after: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    for &(family, config, op, arg, iters, want) in cases {
+        res.record(family, config, n, lp.run(op, arg, iters)?, iters, want);
+        after()?;
+    }
+    Ok(())
+}
+
 fn start_agent(ctx: &Ctx, phase: &str, n: usize) -> Result<Agent> {
     Agent::start(
         &ctx.agent_bin,
@@ -408,70 +427,22 @@ fn ours(ctx: &Ctx, res: &mut Results, n: usize) -> Result<()> {
         res.maps = report::map_memory(&agent)?;
     }
     let (a, d) = ("Portcullis allow", "Portcullis deny");
-    let run = |res: &mut Results, fam, cfg, op, arg: &str, iters, want| -> Result<()> {
-        res.record(fam, cfg, n, lp.run(op, arg, iters)?, iters, want);
-        // Denials are logged; let the writer finish before the next loop.
-        agent.settle()
-    };
-    run(
-        res,
-        "connect",
-        a,
-        "connect",
-        ALLOWED_IP,
-        p.connects,
-        Expect::Ok,
-    )?;
-    run(
-        res,
-        "connect",
-        d,
-        "connect",
-        DENIED_IP,
-        p.connects,
-        Expect::Failed,
-    )?;
-    run(res, "open", a, "open", &f.allowed, p.opens, Expect::Ok)?;
-    run(
-        res,
-        "open, fork per call",
-        a,
-        "openfork",
-        &f.allowed,
-        p.forks,
-        Expect::Ok,
-    )?;
-    run(
-        res,
-        "open, fork per call",
-        d,
-        "openfork",
-        &f.denied,
-        p.forks,
-        Expect::Killed,
-    )?;
-    run(res, "exec", a, "exec", &f.tiny, p.execs, Expect::Ok)?;
-    run(
-        res,
-        "exec",
-        d,
-        "exec",
-        &f.tiny_denied,
-        p.execs,
-        Expect::Killed,
-    )?;
-    // Enforce-mode denial kills the process (fallback backend), so the
-    // in-loop denied open is measured on the audit policy's file: the same
-    // lookup plus the ring-buffer event, without the kill.
-    run(
-        res,
-        "open",
-        "Portcullis audit (would deny)",
-        "open",
-        &f.audited,
-        p.opens,
-        Expect::Ok,
-    )?;
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        ("connect", a, "connect", ALLOWED_IP, p.connects, Expect::Ok),
+        ("connect", d, "connect", DENIED_IP, p.connects, Expect::Failed),
+        ("open", a, "open", &f.allowed, p.opens, Expect::Ok),
+        ("open, fork per call", a, "openfork", &f.allowed, p.forks, Expect::Ok),
+        ("open, fork per call", d, "openfork", &f.denied, p.forks, Expect::Killed),
+        ("exec", a, "exec", &f.tiny, p.execs, Expect::Ok),
+        ("exec", d, "exec", &f.tiny_denied, p.execs, Expect::Killed),
+        // Enforce-mode denial kills the process (fallback backend), so the
+        // in-loop denied open is measured on the audit policy's file: the
+        // same lookup plus the ring-buffer event, without the kill.
+        ("open", "Portcullis audit (would deny)", "open", &f.audited, p.opens, Expect::Ok),
+    ];
+    // Denials are logged; let the writer finish before the next loop.
+    run_cases(lp, res, n, cases, || agent.settle())?;
     agent.stop()?;
     let _ = std::fs::remove_file(ctx.out.join("decisions.jsonl"));
     Ok(())
@@ -483,23 +454,12 @@ fn nft_peer(ctx: &Ctx, res: &mut Results, n: usize) -> Result<()> {
     nft::load(&rel, 1, workload::net_rules(n))?;
     let r = (|| -> Result<()> {
         let (a, d) = ("nftables allow (peer)", "nftables deny (peer)");
-        res.record(
-            "connect",
-            a,
-            n,
-            lp.run("connect", ALLOWED_IP, p.connects)?,
-            p.connects,
-            Expect::Ok,
-        );
-        res.record(
-            "connect",
-            d,
-            n,
-            lp.run("connect", DENIED_IP, p.connects)?,
-            p.connects,
-            Expect::Failed,
-        );
-        Ok(())
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            ("connect", a, "connect", ALLOWED_IP, p.connects, Expect::Ok),
+            ("connect", d, "connect", DENIED_IP, p.connects, Expect::Failed),
+        ];
+        run_cases(lp, res, n, cases, || Ok(()))
     })();
     nft::unload();
     r
@@ -510,55 +470,16 @@ fn fanotify_peer(ctx: &Ctx, res: &mut Results, n: usize) -> Result<()> {
     let peer = fanotify::Peer::start(&ctx.peer_bin, &ctx.out.join("fanotify-rules.txt"), n)?;
     let r = (|| -> Result<()> {
         let (a, d) = ("fanotify allow (peer)", "fanotify deny (peer)");
-        res.record(
-            "open",
-            a,
-            n,
-            lp.run("open", &f.allowed, p.opens)?,
-            p.opens,
-            Expect::Ok,
-        );
-        res.record(
-            "open",
-            d,
-            n,
-            lp.run("open", &f.denied, p.opens)?,
-            p.opens,
-            Expect::Failed,
-        );
-        res.record(
-            "open, fork per call",
-            a,
-            n,
-            lp.run("openfork", &f.allowed, p.forks)?,
-            p.forks,
-            Expect::Ok,
-        );
-        res.record(
-            "open, fork per call",
-            d,
-            n,
-            lp.run("openfork", &f.denied, p.forks)?,
-            p.forks,
-            Expect::Failed,
-        );
-        res.record(
-            "exec",
-            a,
-            n,
-            lp.run("exec", &f.tiny, p.execs)?,
-            p.execs,
-            Expect::Ok,
-        );
-        res.record(
-            "exec",
-            d,
-            n,
-            lp.run("exec", &f.tiny_denied, p.execs)?,
-            p.execs,
-            Expect::Failed,
-        );
-        Ok(())
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            ("open", a, "open", &f.allowed, p.opens, Expect::Ok),
+            ("open", d, "open", &f.denied, p.opens, Expect::Failed),
+            ("open, fork per call", a, "openfork", &f.allowed, p.forks, Expect::Ok),
+            ("open, fork per call", d, "openfork", &f.denied, p.forks, Expect::Failed),
+            ("exec", a, "exec", &f.tiny, p.execs, Expect::Ok),
+            ("exec", d, "exec", &f.tiny_denied, p.execs, Expect::Failed),
+        ];
+        run_cases(lp, res, n, cases, || Ok(()))
     })();
     peer.stop();
     r
