@@ -570,34 +570,80 @@ fn remove_cgroups(top: &str) {
     }
 }
 
+/// The real parts one CRI test needs: a scratch directory, a cgroup subtree
+/// of its own, a kubelet root, the directory shared into containers, and a
+/// containerd with the test image imported. Fields drop in this order: the
+/// runtime first, then the cgroups, then the scratch directory.
+struct Node {
+    ctrd: Containerd,
+    _tree: CgroupTree,
+    top: String,
+    kubelet_root: PathBuf,
+    shared: PathBuf,
+    _tmp: TempDir,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Node {
+    /// `None`, after printing SKIP and why, when a part is missing here.
+    fn start(name: &str) -> Option<Self> {
+        if let Some(why) = missing_parts() {
+            eprintln!("SKIP: cri: {why}");
+            return None;
+        }
+        let serial = serial();
+        let tmp = TempDir::new(name);
+        eprintln!("scratch: {}", tmp.0.display());
+        let top = unique("portcullis-k8s");
+        let tree = CgroupTree(top.clone());
+        let (kubelet_root, shared) = (tmp.path("kubelet"), tmp.path("shared"));
+        std::fs::create_dir_all(&kubelet_root).unwrap();
+        std::fs::create_dir_all(&shared).unwrap();
+        let image = build_image(&tmp.path("image"));
+        let ctrd_dir = tmp.path("containerd");
+        std::fs::create_dir_all(&ctrd_dir).unwrap();
+        let ctrd = Containerd::start(&ctrd_dir);
+        ctrd.import(&image);
+        Some(Node {
+            ctrd,
+            _tree: tree,
+            top,
+            kubelet_root,
+            shared,
+            _tmp: tmp,
+            _serial: serial,
+        })
+    }
+
+    /// (cgroup subtree, shared directory, kubelet root).
+    fn paths(&self) -> (String, PathBuf, PathBuf) {
+        (self.top.clone(), self.shared.clone(), self.kubelet_root.clone())
+    }
+}
+
+/// The agent on `policy`, reading pods from `ctrd` and tokens from
+/// `kubelet_root`, rescanning every second.
+fn cri_agent(policy: &str, ctrd: &Containerd, kubelet_root: &Path) -> Agent {
+    let socket = ctrd.socket.display().to_string();
+    let kubelet = kubelet_root.display().to_string();
+    Agent::start_with(
+        policy,
+        &["--cri-socket", &socket, "--kubelet-root", &kubelet, "--rescan-interval", "1"],
+    )
+}
+
 #[test]
 fn pod_label_selector_blocks_connect_exec_open_in_the_selected_container_only() {
     require_kernel!();
-    if let Some(why) = missing_parts() {
-        eprintln!("SKIP: cri: {why}");
-        return;
-    }
-    let _serial = serial();
-    let tmp = TempDir::new("cri");
-    eprintln!("scratch: {}", tmp.0.display());
-    let top = unique("portcullis-k8s");
-    let _tree = CgroupTree(top.clone());
-    let shared = tmp.path("shared");
-    std::fs::create_dir_all(&shared).unwrap();
+    let Some(mut node) = Node::start("cri") else { return };
+    let (top, shared, kubelet_root) = node.paths();
+    let ctrd = &mut node.ctrd;
     std::fs::write(shared.join("secret.txt"), "model weights\n").unwrap();
     // Busybox picks its applet by the name it runs under, hence `true`.
     std::fs::create_dir_all(shared.join("bin")).unwrap();
     std::fs::copy(busybox_path().unwrap(), shared.join("bin/true")).unwrap();
-    let kubelet_root = tmp.path("kubelet");
-    std::fs::create_dir_all(&kubelet_root).unwrap();
     let listener = Listener::new("127.0.0.1");
     let second = Listener::new("127.0.0.1");
-
-    let image = build_image(&tmp.path("image"));
-    let ctrd_dir = tmp.path("containerd");
-    std::fs::create_dir_all(&ctrd_dir).unwrap();
-    let mut ctrd = Containerd::start(&ctrd_dir);
-    ctrd.import(&image);
 
     let policy = format!(
         r#"apiVersion: portcullis.dev/v1alpha1
@@ -635,19 +681,7 @@ spec:
         second = second.port,
         shared = shared.display(),
     );
-    let socket = ctrd.socket.display().to_string();
-    let kubelet = kubelet_root.display().to_string();
-    let mut agent = Agent::start_with(
-        &policy,
-        &[
-            "--cri-socket",
-            &socket,
-            "--kubelet-root",
-            &kubelet,
-            "--rescan-interval",
-            "1",
-        ],
-    );
+    let mut agent = cri_agent(&policy, ctrd, &kubelet_root);
     let identities_before = agent.metric("portcullis_map_entries{map=\"identities\"}");
 
     // Both pods start after the agent: governed from their first exec. The
@@ -675,8 +709,8 @@ spec:
         script: first_connect.clone(),
         uid: None,
     };
-    let triton = create_pod(&mut ctrd, &top, &triton_spec, &shared, &kubelet_root);
-    let neighbour = create_pod(&mut ctrd, &top, &neighbour_spec, &shared, &kubelet_root);
+    let triton = create_pod(ctrd, &top, &triton_spec, &shared, &kubelet_root);
+    let neighbour = create_pod(ctrd, &top, &neighbour_spec, &shared, &kubelet_root);
     eprintln!(
         "triton pod {} container {} (cgroup parent {})",
         triton.uid, triton.container, triton.cgroup_parent
@@ -804,23 +838,10 @@ spec:
 #[test]
 fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
     require_kernel!();
-    if let Some(why) = missing_parts() {
-        eprintln!("SKIP: cri: {why}");
-        return;
-    }
-    let _serial = serial();
-    let tmp = TempDir::new("cri-restart");
-    let top = unique("portcullis-k8s");
-    let _tree = CgroupTree(top.clone());
-    let kubelet_root = tmp.path("kubelet");
-    let shared = tmp.path("shared");
-    std::fs::create_dir_all(&shared).unwrap();
+    let Some(mut node) = Node::start("cri-restart") else { return };
+    let (top, shared, kubelet_root) = node.paths();
+    let ctrd = &mut node.ctrd;
     let listener = Listener::new("127.0.0.1");
-    let image = build_image(&tmp.path("image"));
-    let ctrd_dir = tmp.path("containerd");
-    std::fs::create_dir_all(&ctrd_dir).unwrap();
-    let mut ctrd = Containerd::start(&ctrd_dir);
-    ctrd.import(&image);
     let spec = PodSpec {
         name: "triton-1",
         namespace: "ml",
@@ -830,7 +851,7 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
         script: "exec sleep 1000000".into(),
         uid: None,
     };
-    let pod = create_pod(&mut ctrd, &top, &spec, &shared, &kubelet_root);
+    let pod = create_pod(ctrd, &top, &spec, &shared, &kubelet_root);
     let container_cgroup = cgroup_root()
         .join(pod.cgroup_parent.trim_start_matches('/'))
         .join(&pod.container);
@@ -841,19 +862,7 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
         "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: triton}}\nspec:\n  selector:\n    podLabels: {{app: triton}}\n  network:\n    egress:\n      deny: [{{cidr: 127.0.0.1/32, ports: [\"{}\"]}}]\n",
         listener.port
     );
-    let socket = ctrd.socket.display().to_string();
-    let kubelet = kubelet_root.display().to_string();
-    let agent = Agent::start_with(
-        &policy,
-        &[
-            "--cri-socket",
-            &socket,
-            "--kubelet-root",
-            &kubelet,
-            "--rescan-interval",
-            "1",
-        ],
-    );
+    let agent = cri_agent(&policy, ctrd, &kubelet_root);
     // A process in the container's cgroup (joined from the host, as the
     // kernel sees it the same).
     let connect = || {
@@ -911,40 +920,15 @@ fn probe_bin() -> PathBuf {
 #[test]
 fn namespace_default_applies_before_the_runtime_reports_the_pod() {
     require_kernel!();
-    if let Some(why) = missing_parts() {
-        eprintln!("SKIP: cri: {why}");
-        return;
-    }
-    let _serial = serial();
-    let tmp = TempDir::new("cri-ns");
-    let top = unique("portcullis-k8s");
-    let _tree = CgroupTree(top.clone());
-    let kubelet_root = tmp.path("kubelet");
-    let shared = tmp.path("shared");
-    std::fs::create_dir_all(&shared).unwrap();
+    let Some(mut node) = Node::start("cri-ns") else { return };
+    let (top, shared, kubelet_root) = node.paths();
+    let ctrd = &mut node.ctrd;
     let (ns_port, label_port) = (Listener::new("127.0.0.1"), Listener::new("127.0.0.1"));
-    let image = build_image(&tmp.path("image"));
-    let ctrd_dir = tmp.path("containerd");
-    std::fs::create_dir_all(&ctrd_dir).unwrap();
-    let mut ctrd = Containerd::start(&ctrd_dir);
-    ctrd.import(&image);
     let policy = format!(
         "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: ml-namespace}}\nspec:\n  selector: {{namespace: ml, serviceAccount: triton}}\n  network:\n    egress:\n      deny: [{{cidr: 127.0.0.1/32, ports: [\"{}\"]}}]\n---\napiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: triton}}\nspec:\n  selector: {{podLabels: {{app: triton}}}}\n  network:\n    egress:\n      deny: [{{cidr: 127.0.0.1/32, ports: [\"{}\"]}}]\n",
         ns_port.port, label_port.port
     );
-    let socket = ctrd.socket.display().to_string();
-    let kubelet = kubelet_root.display().to_string();
-    let agent = Agent::start_with(
-        &policy,
-        &[
-            "--cri-socket",
-            &socket,
-            "--kubelet-root",
-            &kubelet,
-            "--rescan-interval",
-            "1",
-        ],
-    );
+    let agent = cri_agent(&policy, ctrd, &kubelet_root);
 
     // The kubelet's part: token, then the pod-level cgroup.
     let uid = pod_uid();
@@ -985,7 +969,7 @@ fn namespace_default_applies_before_the_runtime_reports_the_pod() {
         script: "exec sleep 1000000".into(),
         uid: Some(uid.clone()),
     };
-    create_pod(&mut ctrd, &top, &spec, &shared, &kubelet_root);
+    create_pod(ctrd, &top, &spec, &shared, &kubelet_root);
     let start = Instant::now();
     while !connect(label_port.port).contains(&eperm) {
         assert!(
