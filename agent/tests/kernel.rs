@@ -52,7 +52,7 @@ fn unique(prefix: &str) -> String {
 /// Skips (loudly) when not root: loading programs needs it.
 fn require_root() -> bool {
     if !Uid::effective().is_root() {
-        eprintln!("SKIPPED: kernel tests need root");
+        eprintln!("SKIP: kernel tests need root");
         return false;
     }
     true
