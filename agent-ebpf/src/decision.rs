@@ -166,6 +166,21 @@ pub const fn allow() -> Decision {
     }
 }
 
+/// A deny no rule produced: the walk state was lost to another task
+/// (see `inode::Walk::owner`).
+#[inline(always)]
+pub const fn fail_closed() -> Decision {
+    Decision {
+        verdict: VERDICT_DENY,
+        hit: Hit {
+            rule_id: RULE_ID_DEFAULT,
+            policy_bit: 0,
+            depth: 0,
+        },
+        log: false,
+    }
+}
+
 /// The default of the lowest policy in `mask` (non-zero).
 #[inline(always)]
 fn default_hit(mask: u32) -> Hit {

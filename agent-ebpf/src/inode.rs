@@ -4,16 +4,21 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_loop};
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes, generated::bpf_loop,
+};
 use portcullis_common::{
-    EVENT_DECISION, EVENT_NAME_LEN, EVENT_NAMES, Event, INODE_RULES_PER_KEY, IdentityConfig, InodeKey,
-    InodeRuleSet, KernelOffsets, MAX_PATH_DEPTH, MODE_ENFORCE, RULE_LOG_ALLOW, RULE_SUBTREE,
+    COUNTER_ERR_EXEC, COUNTER_ERR_OPEN, EVENT_DECISION, EVENT_NAME_LEN, EVENT_NAMES, Event,
+    INODE_RULES_PER_KEY, IdentityConfig, InodeKey, InodeRuleSet, KernelOffsets, MAX_PATH_DEPTH,
+    MODE_ENFORCE, RULE_LOG_ALLOW, RULE_SUBTREE,
 };
 
 use crate::{
-    decision::{Decision, Hit, Matches, fill_common, fill_decision, reserve_decision},
+    decision::{Decision, Hit, Matches, fail_closed, fill_common, fill_decision, reserve_decision},
     kernel::{dentry_id, offsets, read_ptr},
-    maps::{EXEC_RULES, FILE_RULES, ONLY_FROM, count_decision, count_policy_decision},
+    maps::{
+        EXEC_RULES, FILE_RULES, ONLY_FROM, WALKS, count, count_decision, count_policy_decision,
+    },
 };
 
 /// Who is asking and for what.
@@ -47,18 +52,36 @@ pub enum RuleMap {
     File,
 }
 
-/// State of the dentry walk, shared with the `bpf_loop` callback.
-struct Walk {
-    map: RuleMap,
+/// State of the dentry walk. It lives in the per-CPU map `WALKS`, not on
+/// the stack: the verifier tracks every stack scalar precisely and, since
+/// 6.7, re-checks a `bpf_loop` callback until its state repeats, so a walk
+/// state on the stack (depth, match flags, allow bits) grew a new state per
+/// level and per rule combination until 6.18.44 refused the program at 1M
+/// instructions. Map contents are unknown to the verifier, so the callback
+/// converges after one pass whatever the policy.
+pub struct Walk {
+    /// `pid_tgid` of the task that owns the walk. Programs run with
+    /// migration disabled, but a preemptible kernel could run another task's
+    /// walk on this CPU in between; `decide` checks the owner at the end and
+    /// fails closed when another walk took the slot.
+    owner: u64,
     identity: u32,
     requested: u32,
-    exe: (u32, u64),
-    dentry: *const u8,
+    exe_dev: u32,
+    exe_ino: u64,
+    dentry: u64,
     dev: u32,
     ino: u64,
     depth: u32,
     err: i64,
     m: Matches,
+}
+
+/// What the walk callbacks get on the stack: pointers only, so nothing in
+/// it varies between iterations.
+struct WalkCtx {
+    walk: *mut Walk,
+    map: RuleMap,
 }
 
 /// Decides `req` on `file`. Errors are kernel reads that failed; callers
@@ -72,35 +95,59 @@ pub fn decide(
 ) -> Result<Outcome, i64> {
     let leaf = read_ptr(file, o.file_dentry)?;
     let (dev, ino) = dentry_id(o, leaf)?;
-    let mut w = Walk {
-        map,
-        identity: req.identity,
-        requested: req.requested,
-        exe: req.exe,
-        dentry: leaf,
-        dev,
-        ino,
-        depth: 0,
-        err: 0,
-        m: Matches::new(req.active),
+    let slot = match map {
+        RuleMap::Exec => 0,
+        RuleMap::File => 1,
     };
-    // bpf_loop: the verifier checks one level once, instead of 16 levels x
-    // 4 rules x every combination of earlier matches.
-    // SAFETY: `walk_level` only touches `w` through the pointer.
+    let walk = WALKS.get_ptr_mut(slot).ok_or(-1i64)?;
+    let owner = bpf_get_current_pid_tgid();
+    // SAFETY: `walk` is this CPU's slot of `WALKS`, live for the program run.
+    unsafe {
+        *walk = Walk {
+            owner,
+            identity: req.identity,
+            requested: req.requested,
+            exe_dev: req.exe.0,
+            exe_ino: req.exe.1,
+            dentry: leaf as u64,
+            dev,
+            ino,
+            depth: 0,
+            err: 0,
+            m: Matches::new(req.active),
+        };
+    }
+    let mut ctx = WalkCtx { walk, map };
+    // SAFETY: `walk_level` only touches `ctx` through the pointer.
     unsafe {
         bpf_loop(
             MAX_PATH_DEPTH,
             walk_level as *mut c_void,
-            (&mut w as *mut Walk).cast(),
+            (&mut ctx as *mut WalkCtx).cast(),
             0,
         )
     };
+    // SAFETY: as above.
+    let w = unsafe { &*walk };
+    if w.owner != owner {
+        // Counted as the hook's internal error, but decided closed: letting
+        // a raced walk allow would let one thread free another's denial.
+        count(match map {
+            RuleMap::Exec => COUNTER_ERR_EXEC,
+            RuleMap::File => COUNTER_ERR_OPEN,
+        });
+        return Ok(Outcome {
+            decision: fail_closed(),
+            dentry: leaf,
+            dev,
+            ino,
+        });
+    }
     if w.err != 0 {
         return Err(w.err);
     }
-    let m = w.m;
     Ok(Outcome {
-        decision: m.finish(req.deny_enforce, req.deny_audit),
+        decision: w.m.finish(req.deny_enforce, req.deny_audit),
         dentry: leaf,
         dev,
         ino,
@@ -112,15 +159,13 @@ pub fn decide(
 /// d_parent is itself); it does not cross mount points.
 #[inline(never)]
 extern "C" fn walk_level(i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the caller's `Walk`.
-    let w = unsafe { &mut *(ctx as *mut Walk) };
+    // SAFETY: `ctx` is the caller's `WalkCtx`, `walk` a live map value.
+    let c = unsafe { &*(ctx as *const WalkCtx) };
+    let w = unsafe { &mut *c.walk };
     // Every earlier level stepped up exactly once, so the level is the loop
-    // index. Taking it from the index (unknown to the verifier) rather than
-    // only from the count kept in `w` matters on kernels before 6.7: their
-    // verifier checks a bpf_loop callback as if it ran once, sees `depth`
-    // as the constant 0, and rewrites `depth > 0 && !SUBTREE` in
-    // `inode_rule` into "never", so a plain directory rule governed every
-    // file below it (seen on Debian's 6.1).
+    // index. Taking it from the index rather than from a count kept between
+    // iterations matters on kernels before 6.7: their verifier checks a
+    // bpf_loop callback as if it ran once (seen on Debian's 6.1).
     w.depth = i as u32;
     let Some(o) = offsets() else {
         w.err = -1;
@@ -131,29 +176,30 @@ extern "C" fn walk_level(i: u64, ctx: *mut c_void) -> i64 {
         dev: w.dev,
         ino: w.ino,
     };
-    let set = match w.map {
+    let set = match c.map {
         RuleMap::Exec => EXEC_RULES.get_ptr(&key),
         RuleMap::File => FILE_RULES.get_ptr(&key),
     };
     if let Some(set) = set {
-        apply(set, w);
+        apply(set, c.walk);
         if w.m.enforce_denied() {
             return 1;
         }
     }
-    let parent = match read_ptr(w.dentry, o.dentry_d_parent) {
+    let dentry = w.dentry as *const u8;
+    let parent = match read_ptr(dentry, o.dentry_d_parent) {
         Ok(p) => p,
         Err(e) => {
             w.err = e;
             return 1;
         }
     };
-    if parent == w.dentry {
+    if parent == dentry {
         return 1;
     }
     match dentry_id(&o, parent) {
         Ok((dev, ino)) => {
-            w.dentry = parent;
+            w.dentry = parent as u64;
             w.dev = dev;
             w.ino = ino;
             0
@@ -166,11 +212,10 @@ extern "C" fn walk_level(i: u64, ctx: *mut c_void) -> i64 {
 }
 
 /// Applies the rules of one level, through a nested `bpf_loop` so the
-/// verifier checks one rule once (an unrolled scan inside the walk callback
-/// still exceeded 1M instructions).
+/// verifier checks one rule once.
 #[inline(always)]
-fn apply(set: *const InodeRuleSet, w: &mut Walk) {
-    let mut scan = RuleScan { set, walk: w };
+fn apply(set: *const InodeRuleSet, walk: *mut Walk) {
+    let mut scan = RuleScan { set, walk };
     // SAFETY: `inode_rule` only touches `scan` through the pointer.
     unsafe {
         bpf_loop(
@@ -189,9 +234,9 @@ struct RuleScan {
 
 #[inline(never)]
 extern "C" fn inode_rule(i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the caller's `RuleScan`; `set` a live map value and
-    // `walk` the walk state on the program's stack.
-    let scan = unsafe { &mut *(ctx as *mut RuleScan) };
+    // SAFETY: `ctx` is the caller's `RuleScan`; `set` and `walk` are live
+    // map values.
+    let scan = unsafe { &*(ctx as *const RuleScan) };
     let set = unsafe { &*scan.set };
     let w = unsafe { &mut *scan.walk };
     if i >= INODE_RULES_PER_KEY as u64 || i as u32 >= set.count {
@@ -211,18 +256,18 @@ extern "C" fn inode_rule(i: u64, ctx: *mut c_void) -> i64 {
         || (r.only_from != 0 && {
             let key = InodeKey {
                 identity: r.only_from,
-                dev: w.exe.0,
-                ino: w.exe.1,
+                dev: w.exe_dev,
+                ino: w.exe_ino,
             };
             ONLY_FROM.get_ptr(&key).is_none()
         });
     if denied {
         w.m.deny(r.mode, hit);
-        // The first enforce deny decides; stop here rather than let
-        // `Matches::deny` keep the first: verifiers before 6.7 take the
+        // The first enforce deny decides; stop here rather than rely on
+        // `Matches::deny` keeping the first: verifiers before 6.7 take the
         // state carried between iterations for its first-iteration value
-        // ("nothing recorded yet") and drop that check, so later denies
-        // would overwrite the reported rule (seen on 6.1).
+        // and drop that check, so later denies would overwrite the reported
+        // rule (seen on 6.1).
         if r.mode == MODE_ENFORCE {
             return 1;
         }

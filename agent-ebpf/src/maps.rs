@@ -1,6 +1,7 @@
 //! Every map the programs share with the agent. Names are the `MAP_*`
 //! constants of `portcullis-common` (the static's name is the map name).
 
+use crate::inode::Walk;
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
@@ -44,6 +45,11 @@ pub static ONLY_FROM: HashMap<InodeKey, u32> = HashMap::with_max_entries(1, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
+/// Per-CPU scratch of the dentry walk (`inode::Walk`): slot 0 for exec,
+/// slot 1 for open. Not pinned: it holds nothing between program runs.
+#[map]
+pub static WALKS: PerCpuArray<Walk> = PerCpuArray::with_max_entries(2, 0);
+
 /// Internal counters indexed by `COUNTER_*` (lost events, internal errors,
 /// unclassified cgroups), summed over CPUs by the agent.
 #[map]
@@ -55,7 +61,8 @@ pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_
 
 /// Deny/audit decisions by (deciding policy's slot, action, verdict).
 #[map]
-pub static POLICY_DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(POLICY_DECISION_SLOTS, 0);
+pub static POLICY_DECISIONS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(POLICY_DECISION_SLOTS, 0);
 
 /// Adds one to counter `index` (`COUNTER_*`).
 #[inline(always)]

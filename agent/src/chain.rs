@@ -26,7 +26,10 @@ pub struct Chain {
 impl Default for Chain {
     /// The genesis: `seq` 0, head all zeros.
     fn default() -> Self {
-        Self { seq: 0, head: [0; 32] }
+        Self {
+            seq: 0,
+            head: [0; 32],
+        }
     }
 }
 
@@ -35,7 +38,11 @@ pub enum ChainError {
     #[error("line {line}: not a sealed decision line ({reason})")]
     Malformed { line: usize, reason: &'static str },
     #[error("line {line}: seq {found}, expected {expected}: a line before it was removed or added")]
-    Seq { line: usize, found: u64, expected: u64 },
+    Seq {
+        line: usize,
+        found: u64,
+        expected: u64,
+    },
     #[error("line {line} (seq {seq}): chain mismatch: this line or one before it was modified")]
     Mismatch { line: usize, seq: u64 },
 }
@@ -62,8 +69,16 @@ impl Chain {
         let sep = if body.ends_with('{') { "" } else { "," };
         self.seq += 1;
         let core = format!("{body}{sep}\"seq\":{}}}", self.seq);
-        self.head = Sha256::new().chain_update(self.head).chain_update(core.as_bytes()).finalize().into();
-        format!("{},\"chain\":\"{}\"}}", &core[..core.len() - 1], hex(&self.head))
+        self.head = Sha256::new()
+            .chain_update(self.head)
+            .chain_update(core.as_bytes())
+            .finalize()
+            .into();
+        format!(
+            "{},\"chain\":\"{}\"}}",
+            &core[..core.len() - 1],
+            hex(&self.head)
+        )
     }
 
     /// Checks one sealed line against the chain so far and advances it.
@@ -71,9 +86,14 @@ impl Chain {
     /// trail whose beginning was rotated away).
     pub fn check(&mut self, n: usize, line: &str, anchor: bool) -> Result<(), ChainError> {
         let malformed = |reason| ChainError::Malformed { line: n, reason };
-        let (core_body, tail) = line.rsplit_once(",\"chain\":\"").ok_or(malformed("no chain field"))?;
-        let chain = unhex(tail.strip_suffix("\"}").ok_or(malformed("chain is not the last field"))?)
-            .ok_or(malformed("chain is not 64 hex digits"))?;
+        let (core_body, tail) = line
+            .rsplit_once(",\"chain\":\"")
+            .ok_or(malformed("no chain field"))?;
+        let chain = unhex(
+            tail.strip_suffix("\"}")
+                .ok_or(malformed("chain is not the last field"))?,
+        )
+        .ok_or(malformed("chain is not 64 hex digits"))?;
         let seq: u64 = core_body
             .rsplit_once("\"seq\":")
             .and_then(|(_, s)| s.parse().ok())
@@ -83,10 +103,18 @@ impl Chain {
             return Ok(());
         }
         if seq != self.seq + 1 {
-            return Err(ChainError::Seq { line: n, found: seq, expected: self.seq + 1 });
+            return Err(ChainError::Seq {
+                line: n,
+                found: seq,
+                expected: self.seq + 1,
+            });
         }
         let core = format!("{core_body}}}");
-        let expect: [u8; 32] = Sha256::new().chain_update(self.head).chain_update(core.as_bytes()).finalize().into();
+        let expect: [u8; 32] = Sha256::new()
+            .chain_update(self.head)
+            .chain_update(core.as_bytes())
+            .finalize()
+            .into();
         if expect != chain {
             return Err(ChainError::Mismatch { line: n, seq });
         }
@@ -128,7 +156,10 @@ fn last_line(path: &Path) -> Option<String> {
     f.seek(SeekFrom::Start(start)).ok()?;
     let mut buf = String::new();
     f.read_to_string(&mut buf).ok()?;
-    buf.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_owned)
+    buf.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::to_owned)
 }
 
 /// Verifies decision files given oldest first (e.g. `F.2 F.1 F`). A trail
@@ -139,11 +170,24 @@ pub fn verify(files: &[PathBuf]) -> Result<(usize, u64), (PathBuf, ChainError)> 
     let mut chain = Chain::default();
     let (mut count, mut first) = (0usize, 0u64);
     for file in files {
-        let text = std::fs::read_to_string(file)
-            .map_err(|_| (file.clone(), ChainError::Malformed { line: 0, reason: "unreadable file" }))?;
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let text = std::fs::read_to_string(file).map_err(|_| {
+            (
+                file.clone(),
+                ChainError::Malformed {
+                    line: 0,
+                    reason: "unreadable file",
+                },
+            )
+        })?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let anchor = count == 0 && !line.contains("\"seq\":1,");
-            chain.check(i + 1, line, anchor).map_err(|e| (file.clone(), e))?;
+            chain
+                .check(i + 1, line, anchor)
+                .map_err(|e| (file.clone(), e))?;
             if count == 0 {
                 first = chain.seq();
             }
@@ -159,7 +203,9 @@ mod tests {
 
     fn trail(n: u64) -> Vec<String> {
         let mut c = Chain::default();
-        (0..n).map(|i| c.seal(&format!("{{\"verdict\":\"deny\",\"pid\":{i}}}"))).collect()
+        (0..n)
+            .map(|i| c.seal(&format!("{{\"verdict\":\"deny\",\"pid\":{i}}}")))
+            .collect()
     }
 
     fn check_all(lines: &[String]) -> Result<(), ChainError> {
@@ -186,10 +232,20 @@ mod tests {
         let lines = trail(5);
         let mut edited = lines.clone();
         edited[2] = edited[2].replace("deny", "allow");
-        assert_eq!(check_all(&edited), Err(ChainError::Mismatch { line: 3, seq: 3 }));
+        assert_eq!(
+            check_all(&edited),
+            Err(ChainError::Mismatch { line: 3, seq: 3 })
+        );
         let mut removed = lines.clone();
         removed.remove(1);
-        assert_eq!(check_all(&removed), Err(ChainError::Seq { line: 2, found: 3, expected: 2 }));
+        assert_eq!(
+            check_all(&removed),
+            Err(ChainError::Seq {
+                line: 2,
+                found: 3,
+                expected: 2
+            })
+        );
         let mut swapped = lines.clone();
         swapped.swap(3, 4);
         assert!(check_all(&swapped).is_err());
@@ -197,7 +253,10 @@ mod tests {
         let mut renumbered = lines.clone();
         renumbered.remove(1);
         renumbered[1] = renumbered[1].replace("\"seq\":3", "\"seq\":2");
-        assert_eq!(check_all(&renumbered), Err(ChainError::Mismatch { line: 2, seq: 2 }));
+        assert_eq!(
+            check_all(&renumbered),
+            Err(ChainError::Mismatch { line: 2, seq: 2 })
+        );
     }
 
     #[test]

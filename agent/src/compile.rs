@@ -546,7 +546,11 @@ pub fn add_identity(
 /// renumbered. A changed CIDR or path shows as one removed and one added.
 pub fn rule_changes(old: &Compiled, new: &Compiled) -> (Vec<String>, Vec<String>) {
     let set = |c: &Compiled| -> BTreeSet<String> {
-        c.rules.iter().skip(1).map(|r| format!("{}: {}", r.policy, unnumbered(&r.rule))).collect()
+        c.rules
+            .iter()
+            .skip(1)
+            .map(|r| format!("{}: {}", r.policy, unnumbered(&r.rule)))
+            .collect()
     };
     let (before, after) = (set(old), set(new));
     (

@@ -185,7 +185,13 @@ impl State {
             return;
         }
         let sizes = MapSizes::default();
-        let caps = [sizes.identities, sizes.net_rules, sizes.exec_rules, sizes.file_rules, sizes.only_from];
+        let caps = [
+            sizes.identities,
+            sizes.net_rules,
+            sizes.exec_rules,
+            sizes.file_rules,
+            sizes.only_from,
+        ];
         let count = |c: &Compiled| c.rule_counts().map(|(_, n)| n);
         let mut need = count(new);
         for c in std::iter::once(&*self.compiled).chain(self.retiring.iter().map(|(_, c)| &**c)) {
@@ -371,7 +377,11 @@ impl State {
         } else {
             let id = self.next_identity;
             if let Err(e) = compile::add_identity(&mut compiled, &self.policies, &set, id)
-                .map(|()| compiled = self.metrics.with_policy_slots(std::mem::take(&mut compiled)))
+                .map(|()| {
+                    compiled = self
+                        .metrics
+                        .with_policy_slots(std::mem::take(&mut compiled))
+                })
                 .map_err(DaemonError::from)
                 .and_then(|()| Ok(self.maps.add_identities(&self.compiled, &compiled)?))
             {
@@ -482,7 +492,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             }
         })?,
         policy_decisions: PerCpuArray::try_from(take(&mut kernel.ebpf, MAP_POLICY_DECISIONS)?)
-            .map_err(|_| DaemonError::Map { name: MAP_POLICY_DECISIONS })?,
+            .map_err(|_| DaemonError::Map {
+                name: MAP_POLICY_DECISIONS,
+            })?,
     };
     let stats = Arc::new(ReaderStats::default());
     metrics.set_kernel(counters, Arc::clone(&stats));
@@ -525,7 +537,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // The first load must succeed: there is nothing in force to fall back to.
     let mut cgroups = identity::scan(&root);
     state.pods.annotate_blocking(&mut cgroups);
-    let first = metrics.with_policy_slots(compile::compile(&policies, &cgroups, state.numbering())?);
+    let first =
+        metrics.with_policy_slots(compile::compile(&policies, &cgroups, state.numbering())?);
     state.maps.apply(adopted.as_ref(), &first)?;
     if let Some(old) = adopted {
         state.schedule_retire(Arc::new(old));
@@ -542,7 +555,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if let Some(pins) = &kernel.pins {
         let stale = pins.remove_stale_maps()?;
         if stale > 0 {
-            tracing::info!(maps = stale, "removed maps an agent of another map layout pinned");
+            tracing::info!(
+                maps = stale,
+                "removed maps an agent of another map layout pinned"
+            );
         }
     }
     state.policies = policies;
@@ -594,7 +610,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         // force was compiled: another branch winning the select at the
         // lapse second must not make the loop skip past it (a wait of zero
         // reloads at once).
-        let lapse = policy::lapse_wait(&state.policies, state.compiled.judged_at, SystemTime::now());
+        let lapse =
+            policy::lapse_wait(&state.policies, state.compiled.judged_at, SystemTime::now());
         let until_lapse = async move {
             match lapse {
                 Some(wait) => tokio::time::sleep(wait + Duration::from_millis(20)).await,

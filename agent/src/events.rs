@@ -126,8 +126,15 @@ enum Out {
 }
 
 fn open_append(path: &Path) -> Result<(std::fs::File, u64), EventsError> {
-    let err = |source| EventsError::Write { path: path.display().to_string(), source };
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
+    let err = |source| EventsError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)?;
     let size = file.metadata().map_err(err)?.len();
     Ok((file, size))
 }
@@ -142,11 +149,22 @@ fn numbered(path: &Path, n: u32) -> PathBuf {
 impl Sink {
     pub fn open(path: Option<PathBuf>, rotation: Rotation) -> Result<Self, EventsError> {
         let Some(path) = path else {
-            return Ok(Self { out: Out::Stdout, chain: Chain::default() });
+            return Ok(Self {
+                out: Out::Stdout,
+                chain: Chain::default(),
+            });
         };
         let (file, size) = open_append(&path)?;
         let chain = Chain::resume(&path);
-        Ok(Self { out: Out::File { path, file, size, rotation }, chain })
+        Ok(Self {
+            out: Out::File {
+                path,
+                file,
+                size,
+                rotation,
+            },
+            chain,
+        })
     }
 
     /// Shifts the numbered files up one and starts a new, empty file.
@@ -157,8 +175,10 @@ impl Sink {
             for n in (1..keep).rev() {
                 let _ = std::fs::rename(numbered(path, n), numbered(path, n + 1));
             }
-            std::fs::rename(path, numbered(path, 1))
-                .map_err(|source| EventsError::Write { path: path.display().to_string(), source })?;
+            std::fs::rename(path, numbered(path, 1)).map_err(|source| EventsError::Write {
+                path: path.display().to_string(),
+                source,
+            })?;
         }
         open_append(path)
     }
@@ -173,7 +193,12 @@ impl Sink {
                     "stdout".to_owned(),
                 )
             }
-            Out::File { path, file, size, rotation } => {
+            Out::File {
+                path,
+                file,
+                size,
+                rotation,
+            } => {
                 let len = line.len() as u64 + 1;
                 if rotation.max_bytes > 0 && *size > 0 && *size + len > rotation.max_bytes {
                     (*file, *size) = Self::rotate(path, rotation.keep)?;
@@ -367,7 +392,11 @@ pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
                 name: m.name.clone(),
                 uid: m.uid.clone(),
                 container: m.container.as_ref().map(|c| c.name.clone()),
-                image: m.container.as_ref().map(|c| c.image.clone()).filter(|i| !i.is_empty()),
+                image: m
+                    .container
+                    .as_ref()
+                    .map(|c| c.image.clone())
+                    .filter(|i| !i.is_empty()),
             }),
         },
         pid: ev.tgid,
@@ -467,7 +496,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("decisions.jsonl");
         // Sealed lines are 104 bytes ({"i":N} + seq + chain): two fit.
-        let rotation = Rotation { max_bytes: 220, keep: 2 };
+        let rotation = Rotation {
+            max_bytes: 220,
+            keep: 2,
+        };
         let mut sink = Sink::open(Some(path.clone()), rotation).unwrap();
         for i in 0..7 {
             sink.write_line(&format!("{{\"i\":{i}}}")).unwrap();
@@ -476,7 +508,11 @@ mod tests {
             std::fs::read_to_string(p)
                 .unwrap_or_default()
                 .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["i"].as_u64().unwrap())
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["i"]
+                        .as_u64()
+                        .unwrap()
+                })
                 .collect()
         };
         assert_eq!(ids(path.clone()), [6]);

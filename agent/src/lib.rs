@@ -2,8 +2,8 @@
 //! integration tests and benchmarks can drive the same code.
 
 pub mod btf;
-pub mod chain;
 pub mod cgroup;
+pub mod chain;
 pub mod compile;
 pub mod daemon;
 pub mod events;
@@ -13,6 +13,7 @@ pub mod maps;
 pub mod metrics;
 pub mod mounts;
 pub mod pin;
-pub mod slots;
 pub mod pod;
 pub mod policy;
+pub mod slots;
+pub mod verifier;

@@ -29,6 +29,7 @@ use portcullis_common::{
 use crate::{
     btf::{self, BtfError},
     pin::{OldLinks, PinDir, PinError},
+    verifier::Refusal,
 };
 
 /// The eBPF object built by `build.rs` (empty under `AYA_BUILD_SKIP`).
@@ -59,12 +60,12 @@ pub enum LoaderError {
         #[source]
         source: ProgramError,
     },
-    #[error("loading program {program} for {hook}")]
+    /// One line: the verifier's log is in a file (see [`Refusal`]).
+    #[error("the kernel refused program {program} for {hook}: {refusal}")]
     Load {
         program: &'static str,
         hook: &'static str,
-        #[source]
-        source: ProgramError,
+        refusal: Refusal,
     },
     #[error("attaching program {program} to {hook}")]
     Attach {
@@ -232,7 +233,7 @@ impl Kernel {
 
 /// Where a program attaches.
 #[derive(Clone, Copy, Debug)]
-enum Hook {
+pub(crate) enum Hook {
     /// A cgroup sock_addr program at the cgroup root.
     SockAddr,
     /// A BPF-LSM hook.
@@ -242,7 +243,7 @@ enum Hook {
 }
 
 impl Hook {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::SockAddr => "cgroup_sock_addr",
             Self::Lsm(h) | Self::BtfTracepoint(h) => h,
@@ -260,9 +261,9 @@ enum Action {
     Observe,
 }
 
-struct ProgramSpec {
-    program: &'static str,
-    hook: Hook,
+pub(crate) struct ProgramSpec {
+    pub(crate) program: &'static str,
+    pub(crate) hook: Hook,
     action: Action,
     backend: Backend,
     /// Program to use when this one cannot load or attach.
@@ -290,7 +291,7 @@ const fn spec(
 }
 
 /// Every program, its hook, the backend it provides and its fallback.
-const PROGRAMS: &[ProgramSpec] = &[
+pub(crate) const PROGRAMS: &[ProgramSpec] = &[
     spec(
         PROG_CONNECT4,
         Hook::SockAddr,
@@ -365,13 +366,13 @@ const PROGRAMS: &[ProgramSpec] = &[
     ),
 ];
 
-/// Loads the programs with offsets from `opts.btf_path` and maps sized by
-/// `opts.map_sizes`, and attaches every hook (see [`PROGRAMS`]). Needs
-/// CAP_BPF/CAP_SYS_ADMIN (root).
-pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
-    if OBJECT.is_empty() {
-        return Err(LoaderError::EmptyObject);
-    }
+/// Parses the kernel BTF and opens the object with offsets from it and maps
+/// sized by `opts.map_sizes` (pinned under `pins` when given). No program
+/// is loaded yet.
+pub(crate) fn open_object(
+    opts: &LoadOptions,
+    pins: Option<&PinDir>,
+) -> Result<(Ebpf, Btf), LoaderError> {
     let offsets = btf::kernel_offsets(&opts.btf_path)?;
     let kbtf = Btf::parse_file(&opts.btf_path, Endianness::default()).map_err(|source| {
         LoaderError::KernelBtf {
@@ -380,18 +381,13 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         }
     })?;
     let s = opts.map_sizes;
-    let pins = opts.pin_dir.as_ref().map(PinDir::open).transpose()?;
     let mut loader = EbpfLoader::new();
-    let mut adopted_maps = false;
-    let mut old_links = OldLinks::default();
-    if let Some(pins) = &pins {
+    if let Some(pins) = pins {
         for name in PINNED_MAPS {
-            adopted_maps |= name == MAP_IDENTITIES && pins.map(name).exists();
             loader.map_pin_path(name, pins.map(name));
         }
-        old_links = pins.old_links()?;
     }
-    let mut ebpf = loader
+    let ebpf = loader
         .btf(Some(&kbtf))
         .override_global(GLOBAL_OFFSETS, &offsets, true)
         .map_max_entries(MAP_IDENTITIES, s.identities)
@@ -404,6 +400,26 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         .map_max_entries(MAP_EVENTS, s.events_bytes)
         .load(OBJECT)
         .map_err(LoaderError::Object)?;
+    Ok((ebpf, kbtf))
+}
+
+/// Loads the programs with offsets from `opts.btf_path` and maps sized by
+/// `opts.map_sizes`, and attaches every hook (see [`PROGRAMS`]). Needs
+/// CAP_BPF/CAP_SYS_ADMIN (root).
+pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
+    if OBJECT.is_empty() {
+        return Err(LoaderError::EmptyObject);
+    }
+    let pins = opts.pin_dir.as_ref().map(PinDir::open).transpose()?;
+    let old_links = match &pins {
+        Some(pins) => pins.old_links()?,
+        None => OldLinks::default(),
+    };
+    // Before loading: loading creates the pins it does not find.
+    let adopted_maps = pins
+        .as_ref()
+        .is_some_and(|p| p.map(MAP_IDENTITIES).exists());
+    let (mut ebpf, kbtf) = open_object(opts, pins.as_ref())?;
 
     let lsm_enabled = bpf_lsm_enabled();
     let mut backends = Backends {
@@ -486,7 +502,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
 }
 
 /// An error with its sources, for a log line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {
@@ -497,12 +513,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn attach(
+/// Loads (verifies) `spec`'s program without attaching it.
+pub(crate) fn load_program(
     ebpf: &mut Ebpf,
     spec: &ProgramSpec,
-    opts: &LoadOptions,
     kbtf: &Btf,
-) -> Result<FdLink, LoaderError> {
+) -> Result<(), LoaderError> {
     let program = spec.program;
     let hook = spec.hook.name();
     let prog = ebpf
@@ -513,7 +529,37 @@ fn attach(
         hook,
         source,
     };
-    let load_err = |source| LoaderError::Load {
+    let result = match spec.hook {
+        Hook::SockAddr => <&mut CgroupSockAddr>::try_from(prog)
+            .map_err(wrong_type)?
+            .load(),
+        Hook::Lsm(name) => <&mut Lsm>::try_from(prog)
+            .map_err(wrong_type)?
+            .load(name, kbtf),
+        Hook::BtfTracepoint(name) => <&mut BtfTracePoint>::try_from(prog)
+            .map_err(wrong_type)?
+            .load(name, kbtf),
+    };
+    result.map_err(|e| LoaderError::Load {
+        program,
+        hook,
+        refusal: Refusal::new(program, &e),
+    })
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    spec: &ProgramSpec,
+    opts: &LoadOptions,
+    kbtf: &Btf,
+) -> Result<FdLink, LoaderError> {
+    load_program(ebpf, spec, kbtf)?;
+    let program = spec.program;
+    let hook = spec.hook.name();
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or(LoaderError::MissingProgram { program })?;
+    let wrong_type = |source| LoaderError::ProgramType {
         program,
         hook,
         source,
@@ -526,7 +572,6 @@ fn attach(
     match spec.hook {
         Hook::SockAddr => {
             let p: &mut CgroupSockAddr = prog.try_into().map_err(wrong_type)?;
-            p.load().map_err(load_err)?;
             let cgroup = File::open(&opts.cgroup_root).map_err(|source| LoaderError::Cgroup {
                 program,
                 path: opts.cgroup_root.clone(),
@@ -543,15 +588,13 @@ fn attach(
             FdLink::try_from(link)
                 .map_err(|source| LoaderError::LinkNotPinnable { program, source })
         }
-        Hook::Lsm(name) => {
+        Hook::Lsm(_) => {
             let p: &mut Lsm = prog.try_into().map_err(wrong_type)?;
-            p.load(name, kbtf).map_err(load_err)?;
             let id = p.attach().map_err(attach_err)?;
             Ok(p.take_link(id).map_err(attach_err)?.into())
         }
-        Hook::BtfTracepoint(name) => {
+        Hook::BtfTracepoint(_) => {
             let p: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
-            p.load(name, kbtf).map_err(load_err)?;
             let id = p.attach().map_err(attach_err)?;
             Ok(p.take_link(id).map_err(attach_err)?.into())
         }
@@ -559,7 +602,7 @@ fn attach(
 }
 
 /// Whether `bpf` is in the active LSM list (mounting securityfs if needed).
-fn bpf_lsm_enabled() -> bool {
+pub(crate) fn bpf_lsm_enabled() -> bool {
     let list = Path::new(SECURITYFS).join("lsm");
     if !list.exists() {
         crate::mounts::mount_pseudo_fs("securityfs", Path::new(SECURITYFS));

@@ -21,8 +21,8 @@ use std::{
 use aya::maps::{MapData, PerCpuArray};
 use portcullis_common::{
     ACTIONS, COUNTER_ERR_CONNECT, COUNTER_ERR_EXEC, COUNTER_ERR_OPEN, COUNTER_LOST_EVENTS,
-    COUNTER_MKDIR_LOST, COUNTER_UNCLASSIFIED, COUNTERS, DECISION_SLOTS, VERDICTS,
-    POLICY_DECISION_SLOTS, policy_decision_index,
+    COUNTER_MKDIR_LOST, COUNTER_UNCLASSIFIED, COUNTERS, DECISION_SLOTS, POLICY_DECISION_SLOTS,
+    VERDICTS, policy_decision_index,
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -288,7 +288,11 @@ impl Metrics {
                 .get_or_create(&HookLabels { hook })
                 .inc_by(grow(idx as usize, c(idx)));
         }
-        let labels = self.policy_slots.lock().unwrap_or_else(|e| e.into_inner()).labels();
+        let labels = self
+            .policy_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .labels();
         let mut last_policy = self.last_policy.lock().unwrap_or_else(|e| e.into_inner());
         for (a, action) in ACTION_NAMES.iter().enumerate() {
             for (v, verdict) in VERDICT_NAMES.iter().enumerate() {
@@ -304,12 +308,20 @@ impl Metrics {
                     if d > 0 {
                         attributed += d;
                         self.decisions
-                            .get_or_create(&DecisionLabels { action, verdict, policy: name.clone() })
+                            .get_or_create(&DecisionLabels {
+                                action,
+                                verdict,
+                                policy: name.clone(),
+                            })
                             .inc_by(d);
                     }
                 }
                 self.decisions
-                    .get_or_create(&DecisionLabels { action, verdict, policy: String::new() })
+                    .get_or_create(&DecisionLabels {
+                        action,
+                        verdict,
+                        policy: String::new(),
+                    })
                     .inc_by(total.saturating_sub(attributed));
             }
         }
@@ -340,7 +352,10 @@ impl Metrics {
 
     /// Fills in the per-policy counter slots of a compiled generation.
     pub fn with_policy_slots(&self, mut c: crate::compile::Compiled) -> crate::compile::Compiled {
-        self.policy_slots.lock().unwrap_or_else(|e| e.into_inner()).fill(&mut c);
+        self.policy_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fill(&mut c);
         c
     }
 

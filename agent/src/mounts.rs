@@ -8,7 +8,13 @@ use std::path::Path;
 /// Failures are logged, not fatal: the caller's next step reports what is
 /// missing with a clearer error.
 pub fn mount_pseudo_fs(fstype: &str, target: &Path) {
-    let r = nix::mount::mount(Some(fstype), target, Some(fstype), nix::mount::MsFlags::empty(), None::<&str>);
+    let r = nix::mount::mount(
+        Some(fstype),
+        target,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    );
     if let Err(e) = r {
         tracing::warn!(error = %e, "mounting {fstype} at {}", target.display());
     }

@@ -152,11 +152,15 @@ impl PinDir {
     /// the maps' last users.
     pub fn remove_stale_maps(&self) -> Result<usize, PinError> {
         let current = maps_dir(&self.root);
-        let entries = std::fs::read_dir(&self.root).map_err(|source| PinError::Read { path: self.root.clone(), source })?;
+        let entries = std::fs::read_dir(&self.root).map_err(|source| PinError::Read {
+            path: self.root.clone(),
+            source,
+        })?;
         let mut removed = 0;
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
-            let stale = entry.file_name().to_string_lossy().starts_with("maps-v") && path != current;
+            let stale =
+                entry.file_name().to_string_lossy().starts_with("maps-v") && path != current;
             if stale {
                 removed += uninstall(&path)?;
             }

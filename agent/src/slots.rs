@@ -44,7 +44,9 @@ impl PolicySlots {
     /// Writes the slot of each identity's `i`-th policy into its config.
     pub fn fill(&mut self, c: &mut Compiled) {
         for (identity, cfg) in c.identity_cfg.iter_mut() {
-            let Some(indexes) = c.identity_policies.get(identity) else { continue };
+            let Some(indexes) = c.identity_policies.get(identity) else {
+                continue;
+            };
             for (bit, &idx) in indexes.iter().enumerate().take(cfg.policy_slots.len()) {
                 if let Some(name) = c.policies.get(idx) {
                     cfg.policy_slots[bit] = self.slot(name);

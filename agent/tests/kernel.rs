@@ -526,7 +526,10 @@ fn first_denying_rule_is_reported() {
     assert!(killed(s), "{s:?}");
     let events = decisions(&mut k);
     assert_eq!(
-        events.iter().map(|e| (e.rule_id, e.depth)).collect::<Vec<_>>(),
+        events
+            .iter()
+            .map(|e| (e.rule_id, e.depth))
+            .collect::<Vec<_>>(),
         vec![(31, 0)]
     );
 
@@ -544,7 +547,11 @@ fn first_denying_rule_is_reported() {
     add_inode_rule(&mut k, MAP_EXEC_RULES, &dir.0, empty);
     let s = cg.run(|| execv(&c));
     assert_eq!(exit_code(s), 0);
-    let reported = if verifier_checks_loop_callbacks_once() { 42 } else { 41 };
+    let reported = if verifier_checks_loop_callbacks_once() {
+        42
+    } else {
+        41
+    };
     assert_eq!(
         decisions(&mut k)
             .iter()

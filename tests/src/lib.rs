@@ -344,7 +344,11 @@ impl Agent {
     pub fn http(&self, path: &str) -> Option<(u16, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         // Under QEMU TCG a busy guest answers slowly.
-        let limit = if std::env::var_os("PORTCULLIS_VM").is_some() { 30 } else { 5 };
+        let limit = if std::env::var_os("PORTCULLIS_VM").is_some() {
+            30
+        } else {
+            5
+        };
         s.set_read_timeout(Some(Duration::from_secs(limit))).ok()?;
         write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
         let mut resp = String::new();

@@ -617,7 +617,11 @@ impl Node {
 
     /// (cgroup subtree, shared directory, kubelet root).
     fn paths(&self) -> (String, PathBuf, PathBuf) {
-        (self.top.clone(), self.shared.clone(), self.kubelet_root.clone())
+        (
+            self.top.clone(),
+            self.shared.clone(),
+            self.kubelet_root.clone(),
+        )
     }
 }
 
@@ -628,14 +632,23 @@ fn cri_agent(policy: &str, ctrd: &Containerd, kubelet_root: &Path) -> Agent {
     let kubelet = kubelet_root.display().to_string();
     Agent::start_with(
         policy,
-        &["--cri-socket", &socket, "--kubelet-root", &kubelet, "--rescan-interval", "1"],
+        &[
+            "--cri-socket",
+            &socket,
+            "--kubelet-root",
+            &kubelet,
+            "--rescan-interval",
+            "1",
+        ],
     )
 }
 
 #[test]
 fn pod_label_selector_blocks_connect_exec_open_in_the_selected_container_only() {
     require_kernel!();
-    let Some(mut node) = Node::start("cri") else { return };
+    let Some(mut node) = Node::start("cri") else {
+        return;
+    };
     let (top, shared, kubelet_root) = node.paths();
     let ctrd = &mut node.ctrd;
     std::fs::write(shared.join("secret.txt"), "model weights\n").unwrap();
@@ -796,7 +809,11 @@ spec:
     // ... and the pod and container, from the runtime's metadata.
     let pod = &d["workload"]["pod"];
     assert_eq!(
-        (pod["namespace"].as_str(), pod["name"].as_str(), pod["uid"].as_str()),
+        (
+            pod["namespace"].as_str(),
+            pod["name"].as_str(),
+            pod["uid"].as_str()
+        ),
         (Some("ml"), Some("triton-0"), Some(triton.uid.as_str())),
         "{d}"
     );
@@ -838,7 +855,9 @@ spec:
 #[test]
 fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
     require_kernel!();
-    let Some(mut node) = Node::start("cri-restart") else { return };
+    let Some(mut node) = Node::start("cri-restart") else {
+        return;
+    };
     let (top, shared, kubelet_root) = node.paths();
     let ctrd = &mut node.ctrd;
     let listener = Listener::new("127.0.0.1");
@@ -920,7 +939,9 @@ fn probe_bin() -> PathBuf {
 #[test]
 fn namespace_default_applies_before_the_runtime_reports_the_pod() {
     require_kernel!();
-    let Some(mut node) = Node::start("cri-ns") else { return };
+    let Some(mut node) = Node::start("cri-ns") else {
+        return;
+    };
     let (top, shared, kubelet_root) = node.paths();
     let ctrd = &mut node.ctrd;
     let (ns_port, label_port) = (Listener::new("127.0.0.1"), Listener::new("127.0.0.1"));

@@ -609,7 +609,11 @@ impl Running {
     fn get(&self, path: &str) -> Option<(u16, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         // Under QEMU TCG a busy guest answers slowly (as in the shared Agent).
-        let limit = if std::env::var_os("PORTCULLIS_VM").is_some() { 30 } else { 5 };
+        let limit = if std::env::var_os("PORTCULLIS_VM").is_some() {
+            30
+        } else {
+            5
+        };
         s.set_read_timeout(Some(Duration::from_secs(limit))).ok()?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
         let mut text = String::new();

@@ -4,8 +4,8 @@
 //! backend), then changes the policy and checks the call succeeds again.
 
 use portcullis_tests::{
-    probe_as,
-    Agent, Cgroup, EPERM, Listener, Outcome, TempDir, policy_header, probe, require_kernel,
+    Agent, Cgroup, EPERM, Listener, Outcome, TempDir, policy_header, probe, probe_as,
+    require_kernel,
 };
 
 fn egress_policy(cg: &Cgroup, mode: &str, body: &str) -> String {
@@ -164,9 +164,14 @@ fn exec_default_deny_kills_unlisted_binaries_and_allows_listed_ones() {
     let d = agent.wait_decision("exec deny line", |d| d["action"] == "exec");
     assert_eq!(d["verdict"], "deny");
     assert_eq!(d["rule"], "default");
-    let per_policy = r#"portcullis_decisions_total{action="exec",verdict="deny",policy="exec-allowlist"}"#;
+    let per_policy =
+        r#"portcullis_decisions_total{action="exec",verdict="deny",policy="exec-allowlist"}"#;
     // Counted in the kernel per deciding policy: the two denied execs.
-    assert!(agent.metric(per_policy) >= 2.0, "{}", agent.metric(per_policy));
+    assert!(
+        agent.metric(per_policy) >= 2.0,
+        "{}",
+        agent.metric(per_policy)
+    );
     assert_eq!(d["target"]["access"], "exec");
 
     let allow_both = format!(
@@ -250,8 +255,13 @@ fn denied_file_stays_denied_through_every_path_to_it() {
     assert_eq!(d["verdict"], "deny");
     assert_eq!(d["policy"], "datasets");
     // Counted in the kernel per deciding policy: the six denied opens.
-    let per_policy = r#"portcullis_decisions_total{action="open",verdict="deny",policy="datasets"}"#;
-    assert!(agent.metric(per_policy) >= 6.0, "{}", agent.metric(per_policy));
+    let per_policy =
+        r#"portcullis_decisions_total{action="open",verdict="deny",policy="datasets"}"#;
+    assert!(
+        agent.metric(per_policy) >= 6.0,
+        "{}",
+        agent.metric(per_policy)
+    );
     assert_eq!(d["target"]["access"], "read");
     assert!(
         d["target"]["path"]
@@ -405,24 +415,50 @@ fn time_bound_approval_lapses_on_its_own() {
             ),
         )
     };
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
     // Start with an approval that lapsed long ago (compiled as absent), then
     // grant a short one by reload: the agent's start-up time (slow under
     // load or TCG) does not eat into it.
     let mut agent = Agent::start(&with_until(now() - 3600));
-    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
-    let margin = if std::env::var_os("PORTCULLIS_VM").is_some() { 20 } else { 5 };
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    let margin = if std::env::var_os("PORTCULLIS_VM").is_some() {
+        20
+    } else {
+        5
+    };
     let until = now() + margin;
     assert!(agent.reload(&with_until(until)));
-    assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Ok(0), "approval in force");
-    agent.wait_until("the approval to lapse", std::time::Duration::from_secs(margin + 15), |_| {
-        probe(&cg, &["connect", "127.0.0.1", &port]) == Outcome::Errno(EPERM)
-    });
+    assert_eq!(
+        probe(&cg, &["connect", "127.0.0.1", &port]),
+        Outcome::Ok(0),
+        "approval in force"
+    );
+    agent.wait_until(
+        "the approval to lapse",
+        std::time::Duration::from_secs(margin + 15),
+        |_| probe(&cg, &["connect", "127.0.0.1", &port]) == Outcome::Errno(EPERM),
+    );
     let lapsed_at = now();
-    assert!(lapsed_at >= until, "denied at {lapsed_at}, before the approval's end {until}");
+    assert!(
+        lapsed_at >= until,
+        "denied at {lapsed_at}, before the approval's end {until}"
+    );
     let log = agent.log();
-    assert!(log.contains("a time-bound approval lapsed") && log.contains("rules_removed=1"), "{log}");
-    let d = agent.wait_decision("deny after the approval", |d| d["workload"]["cgroup"] == cg.path.as_str());
+    assert!(
+        log.contains("a time-bound approval lapsed") && log.contains("rules_removed=1"),
+        "{log}"
+    );
+    let d = agent.wait_decision("deny after the approval", |d| {
+        d["workload"]["cgroup"] == cg.path.as_str()
+    });
     assert_eq!(d["rule"], "default");
 }
 
@@ -442,14 +478,34 @@ fn uid_selector_applies_only_to_that_users_tasks() {
         )
     };
     let mut agent = Agent::start(&policy("4242"));
-    assert_eq!(probe_as(&cg, Some(4242), &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
-    assert_eq!(probe_as(&cg, None, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
-    assert_eq!(probe_as(&cg, Some(4243), &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
-    let d = agent.wait_decision("uid deny line", |d| d["workload"]["cgroup"] == cg.path.as_str());
-    assert_eq!((d["verdict"].as_str(), d["workload"]["uid"].as_u64()), (Some("deny"), Some(4242)));
+    assert_eq!(
+        probe_as(&cg, Some(4242), &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    assert_eq!(
+        probe_as(&cg, None, &["connect", "127.0.0.1", &port]),
+        Outcome::Ok(0)
+    );
+    assert_eq!(
+        probe_as(&cg, Some(4243), &["connect", "127.0.0.1", &port]),
+        Outcome::Ok(0)
+    );
+    let d = agent.wait_decision("uid deny line", |d| {
+        d["workload"]["cgroup"] == cg.path.as_str()
+    });
+    assert_eq!(
+        (d["verdict"].as_str(), d["workload"]["uid"].as_u64()),
+        (Some("deny"), Some(4242))
+    );
 
     // A range covers both users; root stays outside it.
     assert!(agent.reload(&policy("\"4242-4243\"")));
-    assert_eq!(probe_as(&cg, Some(4243), &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
-    assert_eq!(probe_as(&cg, None, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
+    assert_eq!(
+        probe_as(&cg, Some(4243), &["connect", "127.0.0.1", &port]),
+        Outcome::Errno(EPERM)
+    );
+    assert_eq!(
+        probe_as(&cg, None, &["connect", "127.0.0.1", &port]),
+        Outcome::Ok(0)
+    );
 }

@@ -59,7 +59,10 @@ fn egress(cg: &Cgroup, body: &str) -> String {
 
 /// A policy denying `cg` connects to 127.0.0.1:`port`.
 fn deny_port(cg: &Cgroup, port: &str) -> String {
-    egress(cg, &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"))
+    egress(
+        cg,
+        &format!("      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"),
+    )
 }
 
 #[test]
@@ -79,7 +82,9 @@ fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
     // bpftool is installed by `cargo xtask setup`; the VM guest has none.
     let made = std::process::Command::new("bpftool")
         .args(["map", "create", &stale.join("OLD").display().to_string()])
-        .args(["type", "hash", "key", "4", "value", "4", "entries", "1", "name", "old"])
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "1", "name", "old",
+        ])
         .status();
     let check_stale = match made {
         Ok(st) => {
@@ -93,7 +98,10 @@ fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
     };
 
     let mut first = Agent::start_with(&deny, &["--pin-dir", &pin_arg]);
-    assert!(!check_stale || !stale.exists(), "stale maps of another layout removed");
+    assert!(
+        !check_stale || !stale.exists(),
+        "stale maps of another layout removed"
+    );
     assert_eq!(
         probe(&cg, &["connect", "127.0.0.1", &port]),
         Outcome::Errno(EPERM)
@@ -139,7 +147,11 @@ fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
 
     // Reload still works on the adopted maps, and the log says what changed.
     assert!(second.reload(&egress(&cg, "      default: allow\n")));
-    assert!(second.log().contains("rules_added=0 rules_removed=1"), "{}", second.log());
+    assert!(
+        second.log().contains("rules_added=0 rules_removed=1"),
+        "{}",
+        second.log()
+    );
     assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Ok(0));
     assert!(second.reload(&deny));
     assert_eq!(
@@ -246,8 +258,14 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
         );
         let checks = [
             (vec!["read".to_owned(), secret], killed_or_eperm.clone()),
-            (vec!["exec".to_owned(), denied_exe.clone()], exec_denied.clone()),
-            (vec!["exec".to_owned(), allowed_exe.clone()], Outcome::Exited(0)),
+            (
+                vec!["exec".to_owned(), denied_exe.clone()],
+                exec_denied.clone(),
+            ),
+            (
+                vec!["exec".to_owned(), allowed_exe.clone()],
+                Outcome::Exited(0),
+            ),
         ];
         std::thread::spawn(move || {
             let vm = std::env::var_os("PORTCULLIS_VM").is_some();
@@ -345,8 +363,14 @@ fn metrics_move_with_real_syscalls() {
     let allowed = r#"portcullis_decisions_total{action="connect",verdict="allow",policy=""}"#;
     let (d0, a0) = (agent.metric(denied), agent.metric(allowed));
     for _ in 0..3 {
-        assert_eq!(probe(&cg, &["connect", "127.0.0.1", &port]), Outcome::Errno(EPERM));
-        assert_eq!(probe(&cg, &["connect", "127.0.0.1", &other.port.to_string()]), Outcome::Ok(0));
+        assert_eq!(
+            probe(&cg, &["connect", "127.0.0.1", &port]),
+            Outcome::Errno(EPERM)
+        );
+        assert_eq!(
+            probe(&cg, &["connect", "127.0.0.1", &other.port.to_string()]),
+            Outcome::Ok(0)
+        );
     }
     assert_eq!(agent.metric(denied) - d0, 3.0);
     // Every connect on the host counts, so at least ours.
@@ -356,7 +380,10 @@ fn metrics_move_with_real_syscalls() {
     assert_eq!(agent.metric("portcullis_policies"), 1.0);
     assert!(agent.metric(r#"portcullis_map_entries{map="net_rules"}"#) >= 1.0);
     assert!(agent.metric(r#"portcullis_map_capacity{map="net_rules"}"#) >= 1024.0);
-    assert_eq!(agent.metric(r#"portcullis_backend{hook="connect",backend="cgroup_sock_addr"}"#), 1.0);
+    assert_eq!(
+        agent.metric(r#"portcullis_backend{hook="connect",backend="cgroup_sock_addr"}"#),
+        1.0
+    );
     assert!(agent.metric("portcullis_policy_last_reload_success_timestamp_seconds") > 1.7e9);
     let (_, body) = agent.http("/metrics").unwrap();
     assert!(body.contains("portcullis_build_info{version="), "{body}");
@@ -366,12 +393,26 @@ fn metrics_move_with_real_syscalls() {
     let log = agent.dir.join("decisions.jsonl");
     let verify = |p: &Path| agent_cli(&["verify-log", &p.display().to_string()]);
     let out = verify(&log);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     let forged = log.with_extension("forged");
-    std::fs::write(&forged, text.replacen("\"verdict\":\"deny\"", "\"verdict\":\"allow\"", 1)).unwrap();
+    std::fs::write(
+        &forged,
+        text.replacen("\"verdict\":\"deny\"", "\"verdict\":\"allow\"", 1),
+    )
+    .unwrap();
     let out = verify(&forged);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1 (seq 1): chain mismatch"), "{out:?}");
-    assert!(body.contains(r#"portcullis_kernel_errors_total{hook="open"} 0"#), "{body}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 1 (seq 1): chain mismatch"),
+        "{out:?}"
+    );
+    assert!(
+        body.contains(r#"portcullis_kernel_errors_total{hook="open"} 0"#),
+        "{body}"
+    );
 }

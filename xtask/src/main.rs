@@ -61,14 +61,19 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::run(&root),
         Cmd::Run { args } => {
             setup::run(&root)?;
-            cargo(&root, &["build", "--package", "portcullis", "--bin", "portcullis"])?;
+            cargo(
+                &root,
+                &["build", "--package", "portcullis", "--bin", "portcullis"],
+            )?;
             let agent = root.join("target/debug/portcullis");
             let mut cmd = Command::new(&agent);
             cmd.current_dir(&root)
                 .args(["run", "--policy", "policies/default.yaml"])
                 .args(&args);
             eprintln!("xtask: running {}", describe(&cmd));
-            let status = cmd.status().with_context(|| format!("starting {}", agent.display()))?;
+            let status = cmd
+                .status()
+                .with_context(|| format!("starting {}", agent.display()))?;
             if !status.success() {
                 bail!("agent exited with {status}");
             }
@@ -97,7 +102,10 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     let mut cmd = cargo_cmd(root);
     cmd.args(["test", "--no-fail-fast", "--"]).args(args);
     cmd.env("PORTCULLIS_BIN", root.join("target/debug/portcullis"));
-    cmd.env("PORTCULLIS_PROBE", root.join("target/debug/portcullis-probe"));
+    cmd.env(
+        "PORTCULLIS_PROBE",
+        root.join("target/debug/portcullis-probe"),
+    );
     eprintln!("xtask: {}", describe(&cmd));
     let status = cmd.status().context("running cargo test")?;
     if !status.success() {

@@ -26,7 +26,9 @@ pub fn run(_root: &Path) -> Result<()> {
     // bundled in the kubernetes-validate package (no cluster runs here).
     // Not fatal: without it tests/deploy.rs prints SKIP for the schema check.
     if let Err(e) = k8s_validator() {
-        eprintln!("setup: warning: kubernetes-validate not installed ({e:#}); the deploy schema test will SKIP");
+        eprintln!(
+            "setup: warning: kubernetes-validate not installed ({e:#}); the deploy schema test will SKIP"
+        );
     }
     mount_if_missing("bpf", "/sys/fs/bpf")?;
     mount_if_missing("securityfs", "/sys/kernel/security")?;
@@ -50,12 +52,16 @@ fn cargo_home() -> PathBuf {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into())
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.env("PATH", path_with_cargo_bin()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn status(cmd: &mut Command) -> Result<()> {
@@ -76,7 +82,9 @@ fn rust_src() -> Result<()> {
         "--toolchain",
         "nightly",
     ]))
-    .context("`rustup component list --toolchain nightly` failed: is the nightly toolchain installed?")?;
+    .context(
+        "`rustup component list --toolchain nightly` failed: is the nightly toolchain installed?",
+    )?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: rust-src for nightly: present");
         return Ok(());
@@ -90,7 +98,10 @@ fn rust_src() -> Result<()> {
 /// through an rpath into it.
 fn bpf_linker() -> Result<()> {
     if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
-        if v.split_whitespace().nth(1).is_some_and(|v| v.starts_with(BPF_LINKER_VERSION)) {
+        if v.split_whitespace()
+            .nth(1)
+            .is_some_and(|v| v.starts_with(BPF_LINKER_VERSION))
+        {
             eprintln!("setup: {}: present", v.trim());
             return Ok(());
         }
@@ -115,7 +126,14 @@ fn bpf_linker() -> Result<()> {
     }
     status(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", "^0.13", "--locked", "--force"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "^0.13",
+                "--locked",
+                "--force",
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", &prefix),
     )
@@ -171,9 +189,17 @@ fn k8s_validator() -> Result<()> {
         eprintln!("setup: kubernetes-validate: present");
         return Ok(());
     }
-    let venv = bin.parent().and_then(Path::parent).context("validator path")?.to_path_buf();
+    let venv = bin
+        .parent()
+        .and_then(Path::parent)
+        .context("validator path")?
+        .to_path_buf();
     status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    status(Command::new(venv.join("bin/pip")).args(["install", "-q", "kubernetes-validate==1.37.0"]))
+    status(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        "kubernetes-validate==1.37.0",
+    ]))
 }
 
 fn mount_if_missing(fstype: &str, target: &str) -> Result<()> {
@@ -181,7 +207,9 @@ fn mount_if_missing(fstype: &str, target: &str) -> Result<()> {
     let mounted = mountinfo.lines().any(|l| {
         let mut f = l.split_whitespace();
         f.nth(4) == Some(target)
-            && l.split_once(" - ").and_then(|(_, r)| r.split_whitespace().next()) == Some(fstype)
+            && l.split_once(" - ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                == Some(fstype)
     });
     if mounted {
         eprintln!("setup: {fstype} on {target}: mounted");

@@ -702,7 +702,11 @@ fn boot_timeout() -> Duration {
 /// with a dot would be taken for a module parameter, so none may have one).
 fn guest_narrowing() -> String {
     let mut extra = String::new();
-    for var in ["PORTCULLIS_VM_TESTS", "PORTCULLIS_VM_FILTER", "PORTCULLIS_VM_WATCH"] {
+    for var in [
+        "PORTCULLIS_VM_TESTS",
+        "PORTCULLIS_VM_FILTER",
+        "PORTCULLIS_VM_WATCH",
+    ] {
         if let Ok(v) = std::env::var(var) {
             eprintln!("vm: PARTIAL RUN: {var}={v}");
             extra.push_str(&format!(" {var}={v}"));
@@ -782,7 +786,9 @@ fn boot_and_test(vmlinuz: &Path, initramfs: &Path, bpf_lsm: bool, log: &Path) ->
     parse_console(&console, &mut outcome);
     if outcome.passed + outcome.failed + outcome.skipped == 0 {
         outcome.failed += 1;
-        outcome.notes.push("no test result could be read from the console".into());
+        outcome
+            .notes
+            .push("no test result could be read from the console".into());
     }
     match exit {
         None => outcome
@@ -940,10 +946,18 @@ fn parse_console(console: &str, out: &mut Outcome) {
 /// can be long, the full text is in the console log).
 fn print_failure(boot: &str, text: &str) {
     const MAX_LINES: usize = 40;
-    eprintln!("vm: {boot}: failure output of {}", text.lines().next().unwrap_or_default());
+    eprintln!(
+        "vm: {boot}: failure output of {}",
+        text.lines().next().unwrap_or_default()
+    );
     for section in text.split("\n---- ").skip(1) {
         eprintln!("  | ---- {}", section.lines().next().unwrap_or_default());
-        for l in section.lines().skip(1).filter(|l| !l.trim().is_empty()).take(MAX_LINES) {
+        for l in section
+            .lines()
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .take(MAX_LINES)
+        {
             let cut: String = l.chars().take(240).collect();
             eprintln!("  | {cut}");
         }
@@ -1028,7 +1042,11 @@ mod tests {
         parse_console(console, &mut out);
         assert_eq!((out.passed, out.failed), (1, 1));
         assert_eq!(out.failures.len(), 1);
-        assert!(out.failures[0].starts_with("e2e-test-enforce:"), "{:?}", out.failures);
+        assert!(
+            out.failures[0].starts_with("e2e-test-enforce:"),
+            "{:?}",
+            out.failures
+        );
         assert!(out.failures[0].contains("---- b stdout ----\nthread 'b' panicked"));
         assert!(out.failures[0].contains("boom") && !out.failures[0].contains("test result"));
     }

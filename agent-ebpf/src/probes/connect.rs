@@ -12,9 +12,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use portcullis_common::{
-    ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET, IdentityConfig,
-    IDENTITY_UNRESTRICTED, MODE_ENFORCE, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet,
-    RULE_LOG_ALLOW, VERDICT_ALLOW, VERDICT_DENY,
+    ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET,
+    IDENTITY_UNRESTRICTED, IdentityConfig, MODE_ENFORCE, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX,
+    NetRuleSet, RULE_LOG_ALLOW, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
@@ -121,7 +121,16 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool) -> Result<u8, ()> {
         let m = scan.m;
         m.finish(cfg.net_deny_enforce, cfg.net_deny_audit)
     };
-    report(cgid, id, cfg, &d, &addr, port, proto, if v6 { 6 } else { 4 });
+    report(
+        cgid,
+        id,
+        cfg,
+        &d,
+        &addr,
+        port,
+        proto,
+        if v6 { 6 } else { 4 },
+    );
     Ok(d.verdict)
 }
 

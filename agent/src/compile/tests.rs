@@ -348,15 +348,28 @@ fn a_later_policy_set_reuses_the_generations_rules() {
     assert_eq!(next.rules.len(), rules, "no rule registered twice");
     assert_eq!(next.identity_of_set[&vec![0, 1]], 42);
     let id_of = |c: &Compiled, identity| {
-        c.exec.iter().find(|(k, _)| k.identity == identity).map(|(_, v)| v.rules[0].rule_id)
+        c.exec
+            .iter()
+            .find(|(k, _)| k.identity == identity)
+            .map(|(_, v)| v.rules[0].rule_id)
     };
     assert_eq!(id_of(&next, 42), id_of(&c, c.cgroups[&2]));
-    assert!(next.net.keys().any(|(_, data)| data[..4] == 42u32.to_be_bytes()));
+    assert!(
+        next.net
+            .keys()
+            .any(|(_, data)| data[..4] == 42u32.to_be_bytes())
+    );
     assert!(!Arc::ptr_eq(&next.exec, &c.exec), "written: copied");
-    assert!(c.exec.keys().all(|k| k.identity != 42), "the published version is untouched");
+    assert!(
+        c.exec.keys().all(|k| k.identity != 42),
+        "the published version is untouched"
+    );
 
     // Policies from another generation are refused, not mixed in.
-    assert!(matches!(add_identity(&mut next, &policies[..1], &[0], 43), Err(CompileError::Stale)));
+    assert!(matches!(
+        add_identity(&mut next, &policies[..1], &[0], 43),
+        Err(CompileError::Stale)
+    ));
 }
 
 /// The reload log counts rules by what they say, not where they stand: a

@@ -170,8 +170,14 @@ pub fn expired(until: Option<i64>, now: i64) -> bool {
 /// The earliest `until` after `now` among the policies' approvals: when the
 /// agent must recompile to drop a lapsing approval.
 pub fn next_expiry(policies: &[Policy], now: i64) -> Option<i64> {
-    let exec = policies.iter().filter_map(|p| p.exec.as_ref()).flat_map(|e| e.allow.iter().map(|r| r.until));
-    let net = policies.iter().filter_map(|p| p.egress.as_ref()).flat_map(|e| e.allow.iter().map(|r| r.until));
+    let exec = policies
+        .iter()
+        .filter_map(|p| p.exec.as_ref())
+        .flat_map(|e| e.allow.iter().map(|r| r.until));
+    let net = policies
+        .iter()
+        .filter_map(|p| p.egress.as_ref())
+        .flat_map(|e| e.allow.iter().map(|r| r.until));
     exec.chain(net).flatten().filter(|&u| u > now).min()
 }
 
@@ -179,8 +185,13 @@ pub fn next_expiry(policies: &[Policy], now: i64) -> Option<i64> {
 /// approval, or `None` when none is in force. Counted from `judged_at`, the
 /// second the policy in force was compiled at: an approval that lapsed since
 /// (the agent woke up late) is due at once, never skipped as already past.
-pub fn lapse_wait(policies: &[Policy], judged_at: i64, now: std::time::SystemTime) -> Option<std::time::Duration> {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(next_expiry(policies, judged_at)?.max(0) as u64);
+pub fn lapse_wait(
+    policies: &[Policy],
+    judged_at: i64,
+    now: std::time::SystemTime,
+) -> Option<std::time::Duration> {
+    let at = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(next_expiry(policies, judged_at)?.max(0) as u64);
     Some(at.duration_since(now).unwrap_or_default())
 }
 
@@ -189,13 +200,29 @@ pub fn lapse_wait(policies: &[Policy], judged_at: i64, now: std::time::SystemTim
 pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
     let bad = || format!("'{s}' is not an RFC 3339 time like 2026-12-01T12:00:00Z");
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(bad());
     }
     let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
-        s.get(r).filter(|t| t.bytes().all(|c| c.is_ascii_digit())).and_then(|t| t.parse().ok()).ok_or_else(bad)
+        s.get(r)
+            .filter(|t| t.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(bad)
     };
-    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
     let mut rest = &s[19..];
     if let Some(frac) = rest.strip_prefix('.') {
         let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
@@ -206,7 +233,10 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
     }
     let offset = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && matches!(rest.as_bytes()[0], b'+' | b'-') && rest.as_bytes()[3] == b':' => {
+        _ if rest.len() == 6
+            && matches!(rest.as_bytes()[0], b'+' | b'-')
+            && rest.as_bytes()[3] == b':' =>
+        {
             let sign = if rest.starts_with('-') { -1 } else { 1 };
             let oh: i64 = rest[1..3].parse().map_err(|_| bad())?;
             let om: i64 = rest[4..6].parse().map_err(|_| bad())?;
@@ -215,12 +245,35 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
         _ => return Err(bad()),
     };
     let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let mdays = [31, if leap(y) { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    if !(1..=12).contains(&mo) || d < 1 || d > mdays[(mo - 1) as usize] || h > 23 || mi > 59 || se > 60 {
+    let mdays = [
+        31,
+        if leap(y) { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo)
+        || d < 1
+        || d > mdays[(mo - 1) as usize]
+        || h > 23
+        || mi > 59
+        || se > 60
+    {
         return Err(format!("'{s}' is not a valid date and time"));
     }
     // Days from civil (Howard Hinnant).
-    let (yy, m) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let (yy, m) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
     let era = yy.div_euclid(400);
     let yoe = yy - era * 400;
     let doy = (153 * m + 2) / 5 + d - 1;

@@ -818,7 +818,10 @@ impl<'a> Cx<'a> {
                         .map(|u| (u, u))
                         .map_err(|_| format!("uid {v} is out of range 0-4294967295")),
                     Node::Str(s) => parse_uid_range(s),
-                    _ => Err(format!("expected a uid or a range like \"1000-1999\", found {}", self.describe(n))),
+                    _ => Err(format!(
+                        "expected a uid or a range like \"1000-1999\", found {}",
+                        self.describe(n)
+                    )),
                 };
                 match range {
                     Ok(r) => Some(r),
@@ -1090,14 +1093,17 @@ impl<'a> Cx<'a> {
             let rule = if matches!(item.value, Node::Str(_)) {
                 self.path_rule(item, &ipath)
             } else {
-                self.map(item, &ipath, Some(&["path", "until"])).and_then(|f| {
-                    let until = self.until(&f);
-                    let mut rule = self.required(&f, "path").and_then(|p| self.path_rule(p, &f.path("path")));
-                    if let Some(r) = rule.as_mut() {
-                        r.until = until?;
-                    }
-                    rule
-                })
+                self.map(item, &ipath, Some(&["path", "until"]))
+                    .and_then(|f| {
+                        let until = self.until(&f);
+                        let mut rule = self
+                            .required(&f, "path")
+                            .and_then(|p| self.path_rule(p, &f.path("path")));
+                        if let Some(r) = rule.as_mut() {
+                            r.until = until?;
+                        }
+                        rule
+                    })
             };
             match rule {
                 Some(rule) => rules.push(rule),
@@ -1109,7 +1115,9 @@ impl<'a> Cx<'a> {
 
     /// The optional `until` of an approval (`Some(None)` when absent).
     fn until(&mut self, f: &Fields<'_>) -> Option<Option<i64>> {
-        let Some(u) = f.get("until") else { return Some(None) };
+        let Some(u) = f.get("until") else {
+            return Some(None);
+        };
         let s = self.string(u, &f.path("until"))?;
         match super::parse_rfc3339(&s) {
             Ok(t) => Some(Some(t)),
@@ -1152,7 +1160,11 @@ impl<'a> Cx<'a> {
     }
 
     fn net_rule(&mut self, n: &SNode, path: &str, is_allow: bool) -> Option<NetRule> {
-        let f = self.map(n, path, Some(&["cidr", "ports", "protocol", "log", "until"]))?;
+        let f = self.map(
+            n,
+            path,
+            Some(&["cidr", "ports", "protocol", "log", "until"]),
+        )?;
         let before = self.errors.len();
 
         let cidr = self.required(&f, "cidr").and_then(|c| {
@@ -1428,16 +1440,18 @@ fn net_rule_text(cidr: &str, ports: &[(u16, u16)], protocol: Option<u8>) -> Stri
 /// `"1000"` or `"1000-1999"` (inclusive).
 fn parse_uid_range(s: &str) -> Result<(u32, u32), String> {
     let num = |t: &str| {
-        t.trim()
-            .parse::<u32>()
-            .map_err(|_| format!("uid '{s}' is not a number or a range (write e.g. 1000 or \"1000-1999\")"))
+        t.trim().parse::<u32>().map_err(|_| {
+            format!("uid '{s}' is not a number or a range (write e.g. 1000 or \"1000-1999\")")
+        })
     };
     let (lo, hi) = match s.split_once('-') {
         Some((a, b)) => (num(a)?, num(b)?),
         None => (num(s)?, num(s)?),
     };
     if lo > hi {
-        return Err(format!("uid range '{s}': start {lo} is greater than end {hi}"));
+        return Err(format!(
+            "uid range '{s}': start {lo} is greater than end {hi}"
+        ));
     }
     Ok((lo, hi))
 }

@@ -250,7 +250,12 @@ fn policies_directory_loads_top_level_files_only() {
     let names: Vec<&str> = both.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
-        ["portcullis-default", "inference-serving", "triton-pods", "triton-server-no-debuggers"]
+        [
+            "portcullis-default",
+            "inference-serving",
+            "triton-pods",
+            "triton-server-no-debuggers"
+        ]
     );
 }
 
@@ -1090,7 +1095,10 @@ fn rfc3339_times_parse_to_unix_seconds() {
     use crate::policy::parse_rfc3339;
     assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(0));
     assert_eq!(parse_rfc3339("2026-12-01T12:00:00Z"), Ok(1_796_126_400));
-    assert_eq!(parse_rfc3339("2026-12-01T13:30:00.250+01:30"), Ok(1_796_126_400));
+    assert_eq!(
+        parse_rfc3339("2026-12-01T13:30:00.250+01:30"),
+        Ok(1_796_126_400)
+    );
     assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z"), Ok(1_709_164_800));
     assert!(parse_rfc3339("2025-02-29T00:00:00Z").is_err());
     assert!(parse_rfc3339("2026-12-01 12:00:00").is_err());
@@ -1114,21 +1122,39 @@ fn time_bound_approvals_parse_and_are_checked() {
     ));
     let exec = p.exec.as_ref().unwrap();
     assert_eq!(exec.allow[0].until, None);
-    assert_eq!((exec.allow[1].pattern.as_str(), exec.allow[1].until), ("/opt/debug/gdb", Some(1_796_126_400)));
+    assert_eq!(
+        (exec.allow[1].pattern.as_str(), exec.allow[1].until),
+        ("/opt/debug/gdb", Some(1_796_126_400))
+    );
     let net = &p.egress.as_ref().unwrap().allow[0];
     assert_eq!(net.until, Some(1_796_130_000));
     let policies = [p];
-    assert_eq!(crate::policy::next_expiry(&policies, 0), Some(1_796_126_400));
-    assert_eq!(crate::policy::next_expiry(&policies, 1_796_126_400), Some(1_796_130_000));
+    assert_eq!(
+        crate::policy::next_expiry(&policies, 0),
+        Some(1_796_126_400)
+    );
+    assert_eq!(
+        crate::policy::next_expiry(&policies, 1_796_126_400),
+        Some(1_796_130_000)
+    );
     assert_eq!(crate::policy::next_expiry(&policies, 1_796_130_000), None);
     // The wait counts from when the policy in force was compiled: woken
     // after an approval's end (another event came first), the agent
     // recompiles at once instead of skipping that lapse.
     let at = |t: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(t);
     let wait = |judged, now| crate::policy::lapse_wait(&policies, judged, at(now));
-    assert_eq!(wait(1_796_126_000, 1_796_126_390), Some(std::time::Duration::from_secs(10)));
-    assert_eq!(wait(1_796_126_000, 1_796_126_401), Some(std::time::Duration::ZERO));
-    assert_eq!(wait(1_796_126_400, 1_796_126_401), Some(std::time::Duration::from_secs(3599)));
+    assert_eq!(
+        wait(1_796_126_000, 1_796_126_390),
+        Some(std::time::Duration::from_secs(10))
+    );
+    assert_eq!(
+        wait(1_796_126_000, 1_796_126_401),
+        Some(std::time::Duration::ZERO)
+    );
+    assert_eq!(
+        wait(1_796_126_400, 1_796_126_401),
+        Some(std::time::Duration::from_secs(3599))
+    );
     assert_eq!(wait(1_796_130_000, 1_796_130_001), None);
 
     assert_spec_error(
@@ -1153,15 +1179,29 @@ fn time_bound_approvals_parse_and_are_checked() {
 
 #[test]
 fn uid_selector_parses_numbers_and_ranges() {
-    let text = |uid: &str| format!("{}  exec:\n    default: allow\n", HEAD.replace("    cgroupPath: /a/**\n", &format!("    cgroupPath: /a/**\n    uid: {uid}\n")));
+    let text = |uid: &str| {
+        format!(
+            "{}  exec:\n    default: allow\n",
+            HEAD.replace(
+                "    cgroupPath: /a/**\n",
+                &format!("    cgroupPath: /a/**\n    uid: {uid}\n")
+            )
+        )
+    };
     assert_eq!(parse_one(&text("1000")).selector.uid, Some((1000, 1000)));
-    assert_eq!(parse_one(&text("\"1000-1999\"")).selector.uid, Some((1000, 1999)));
+    assert_eq!(
+        parse_one(&text("\"1000-1999\"")).selector.uid,
+        Some((1000, 1999))
+    );
     let only_uid = "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: p\nspec:\n  selector:\n    uid: 0\n  exec:\n    default: allow\n";
     assert_eq!(parse_one(only_uid).selector.uid, Some((0, 0)));
     for (uid, message) in [
         ("\"9-3\"", "uid range '9-3': start 9 is greater than end 3"),
         ("-1", "uid -1 is out of range 0-4294967295"),
-        ("root", "uid 'root' is not a number or a range (write e.g. 1000 or \"1000-1999\")"),
+        (
+            "root",
+            "uid 'root' is not a number or a range (write e.g. 1000 or \"1000-1999\")",
+        ),
     ] {
         assert_error(&text(uid), 8, "spec.selector.uid", message);
     }

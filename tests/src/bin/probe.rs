@@ -61,9 +61,14 @@ fn main() -> ExitCode {
         return ExitCode::from(3);
     }
     // Act as another user (uid selectors): after joining, which needs root.
-    if let Some(uid) = std::env::var("PORTCULLIS_PROBE_UID").ok().and_then(|u| u.parse::<u32>().ok()) {
+    if let Some(uid) = std::env::var("PORTCULLIS_PROBE_UID")
+        .ok()
+        .and_then(|u| u.parse::<u32>().ok())
+    {
         let id = nix::unistd::Uid::from_raw(uid);
-        if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).and_then(|()| nix::unistd::setuid(id)) {
+        if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(uid))
+            .and_then(|()| nix::unistd::setuid(id))
+        {
             eprintln!("becoming uid {uid}: {e}");
             return ExitCode::from(3);
         }
