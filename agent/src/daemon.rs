@@ -79,6 +79,10 @@ pub struct Config {
     pub decisions_rotation: events::Rotation,
     /// Use the tracepoint backends even where BPF-LSM works.
     pub force_fallback: bool,
+    /// Refuse to start when an action has no backend (else: degraded).
+    pub require_hooks: bool,
+    /// Programs treated as refused (tests force a hook to fail with it).
+    pub refuse_programs: Vec<String>,
     /// How often policy files are checked for changes.
     pub watch_interval: Duration,
     /// How often the cgroup tree is rescanned (safety net for lost
@@ -475,9 +479,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         force_fallback: cfg.force_fallback,
         map_sizes: MapSizes::default(),
         pin_dir: cfg.pin_dir.clone(),
+        require_hooks: cfg.require_hooks,
+        refuse_programs: cfg.refuse_programs.clone(),
     })?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_backends(&kernel.backends);
+    metrics.set_missing(&kernel.missing);
 
     let maps = PolicyMaps::take(&mut kernel.ebpf)?;
     let take = |ebpf: &mut aya::Ebpf, name| ebpf.take_map(name).ok_or(DaemonError::Map { name });

@@ -74,8 +74,9 @@ pub enum LoaderError {
         #[source]
         source: ProgramError,
     },
-    #[error("program {program} was skipped ({reason}) and has no fallback")]
-    NoFallback {
+    #[error("{action} cannot be enforced on this kernel (--require-hooks): {program}: {reason}")]
+    HookRequired {
+        action: &'static str,
         program: &'static str,
         reason: String,
     },
@@ -96,6 +97,18 @@ pub enum LoaderError {
     },
 }
 
+impl LoaderError {
+    /// Whether the kernel refused for want of privilege (EPERM, EACCES).
+    fn is_privilege(&self) -> bool {
+        use nix::errno::Errno;
+        matches!(
+            self,
+            Self::Load { refusal, .. }
+                if matches!(refusal.errno, Some(Errno::EPERM | Errno::EACCES))
+        )
+    }
+}
+
 /// What [`load`] needs to know.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -110,6 +123,12 @@ pub struct LoadOptions {
     /// the agent; earlier instances' pins are adopted). `None`: nothing is
     /// pinned and everything detaches when [`Kernel`] drops.
     pub pin_dir: Option<PathBuf>,
+    /// Refuse to start when an action has no backend at all, instead of
+    /// enforcing what loaded (`--require-hooks`).
+    pub require_hooks: bool,
+    /// Programs to treat as refused by the kernel without trying them: how
+    /// the tests force a hook to fail (`--test-refuse-program`).
+    pub refuse_programs: Vec<String>,
 }
 
 impl LoadOptions {
@@ -122,6 +141,8 @@ impl LoadOptions {
             force_fallback: false,
             map_sizes: MapSizes::default(),
             pin_dir: None,
+            require_hooks: false,
+            refuse_programs: Vec::new(),
         }
     }
 }
@@ -199,12 +220,25 @@ pub struct Backends {
     pub open: Backend,
 }
 
+/// An action the agent does not enforce on this node because none of its
+/// programs loaded or attached.
+#[derive(Clone, Debug)]
+pub struct MissingHook {
+    /// `connect`, `exec` or `open` (the `hook` label of the metrics).
+    pub action: &'static str,
+    pub program: &'static str,
+    /// The last refusal, in one line.
+    pub reason: String,
+}
+
 /// The loaded programs. Unpinned, the links live inside `ebpf` (aya keeps
 /// them with their program) and dropping this detaches everything; pinned,
 /// they stay attached until their pins are removed.
 pub struct Kernel {
     pub ebpf: Ebpf,
     pub backends: Backends,
+    /// Actions left unenforced (degraded mode; empty when all loaded).
+    pub missing: Vec<MissingHook>,
     /// Where this instance pinned its maps and links.
     pub pins: Option<PinDir>,
     /// Links of earlier agent instances, still attached: retire them once
@@ -259,6 +293,17 @@ enum Action {
     Open,
     /// Not enforcement (cgroup_mkdir).
     Observe,
+}
+
+impl Action {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Exec => "exec",
+            Self::Open => "open",
+            Self::Observe => "observe",
+        }
+    }
 }
 
 pub(crate) struct ProgramSpec {
@@ -429,46 +474,60 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
     };
     let mut pinned = Vec::new();
     let mut links = Vec::new();
+    let mut missing: Vec<MissingHook> = Vec::new();
     for spec in PROGRAMS.iter().filter(|s| !s.fallback_only) {
         let skip_reason = match spec.hook {
             Hook::Lsm(_) if opts.force_fallback => Some("fallback forced"),
             Hook::Lsm(_) if !lsm_enabled => Some("bpf is not an active LSM"),
             _ => None,
         };
-        let result = match skip_reason {
+        let mut result = match skip_reason {
             Some(reason) => Err(reason.to_owned()),
-            None => match (attach(&mut ebpf, spec, opts, &kbtf), spec.fallback) {
-                (Ok(link), _) => Ok(link),
-                (Err(e), Some(_)) => Err(error_chain(&e)),
-                (Err(e), None) => return Err(e),
-            },
+            None => try_attach(&mut ebpf, spec, opts, &kbtf)?,
         };
-        let (used, link) = match (result, spec.fallback) {
-            (Ok(link), _) => (spec, link),
-            (Err(reason), Some(fallback)) => {
-                let fb = PROGRAMS
-                    .iter()
-                    .find(|s| s.program == fallback)
-                    .ok_or(LoaderError::MissingProgram { program: fallback })?;
-                tracing::warn!(
-                    program = spec.program,
-                    hook = spec.hook.name(),
-                    fallback = fb.program,
-                    error = %reason,
-                    "backend {} unavailable, falling back to {}",
-                    spec.backend.as_str(),
-                    fb.backend.as_str(),
-                );
-                let link = attach(&mut ebpf, fb, opts, &kbtf)?;
-                (fb, link)
-            }
-            // Only LSM programs are skipped, and they all have a fallback
-            // (checked by a unit test).
-            (Err(reason), None) => {
-                return Err(LoaderError::NoFallback {
-                    program: spec.program,
+        let mut used = spec;
+        if let (Err(reason), Some(fallback)) = (&result, spec.fallback) {
+            let fb = PROGRAMS
+                .iter()
+                .find(|s| s.program == fallback)
+                .ok_or(LoaderError::MissingProgram { program: fallback })?;
+            tracing::warn!(
+                program = spec.program,
+                hook = spec.hook.name(),
+                fallback = fb.program,
+                error = %reason,
+                "backend {} unavailable, falling back to {}",
+                spec.backend.as_str(),
+                fb.backend.as_str(),
+            );
+            used = fb;
+            result = try_attach(&mut ebpf, fb, opts, &kbtf)?;
+        }
+        let link = match result {
+            Ok(link) => link,
+            Err(reason) if spec.action == Action::Observe || opts.require_hooks => {
+                return Err(LoaderError::HookRequired {
+                    action: spec.action.label(),
+                    program: used.program,
                     reason,
                 });
+            }
+            Err(reason) => {
+                // Degraded, not down: what loaded keeps enforcing, and the
+                // gap is said once here, in /readyz and in the metrics.
+                tracing::error!(
+                    action = spec.action.label(),
+                    program = used.program,
+                    error = %reason,
+                    "{} is NOT enforced on this node: no backend loaded",
+                    spec.action.label(),
+                );
+                missing.push(MissingHook {
+                    action: spec.action.label(),
+                    program: used.program,
+                    reason,
+                });
+                continue;
             }
         };
         if let Some(pins) = &pins {
@@ -490,9 +549,20 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
             "attached"
         );
     }
+    // One program of an action missing leaves the action unenforced (e.g.
+    // connect6 without connect4 still lets IPv4 through).
+    for m in &missing {
+        match m.action {
+            "connect" => backends.connect = Backend::None,
+            "exec" => backends.exec = Backend::None,
+            "open" => backends.open = Backend::None,
+            _ => {}
+        }
+    }
     Ok(Kernel {
         ebpf,
         backends,
+        missing,
         pins,
         old_links,
         adopted_maps,
@@ -511,6 +581,26 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+/// [`attach`], with a refusal said in one line, and the programs named in
+/// `opts.refuse_programs` refused without trying. A privilege error is
+/// passed on as it is: it means the agent lacks a capability, which is a
+/// deployment error to stop on, not a kernel limit to degrade around.
+fn try_attach(
+    ebpf: &mut Ebpf,
+    spec: &ProgramSpec,
+    opts: &LoadOptions,
+    kbtf: &Btf,
+) -> Result<Result<FdLink, String>, LoaderError> {
+    if opts.refuse_programs.iter().any(|p| p == spec.program) {
+        return Ok(Err("refused by --test-refuse-program".into()));
+    }
+    match attach(ebpf, spec, opts, kbtf) {
+        Ok(link) => Ok(Ok(link)),
+        Err(e @ LoaderError::Load { .. }) if e.is_privilege() && spec.fallback.is_none() => Err(e),
+        Err(e) => Ok(Err(error_chain(&e))),
+    }
 }
 
 /// Loads (verifies) `spec`'s program without attaching it.

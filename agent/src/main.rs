@@ -44,6 +44,15 @@ enum Command {
         /// Use the tracepoint backends even where BPF-LSM is available.
         #[arg(long)]
         force_fallback: bool,
+        /// Refuse to start when connect, exec or open cannot be enforced on
+        /// any backend. Without it the agent enforces what loaded and
+        /// reports the gap (log ERROR, /readyz 503, backend="none").
+        #[arg(long)]
+        require_hooks: bool,
+        /// Treat this program as refused by the kernel (repeatable): how
+        /// the tests exercise degraded mode. Not for production use.
+        #[arg(long, hide = true)]
+        test_refuse_program: Vec<String>,
         /// Seconds between checks of the policy files for changes.
         #[arg(long, default_value_t = 1.0)]
         watch_interval: f64,
@@ -158,6 +167,8 @@ fn main() -> ExitCode {
             decisions_max_bytes,
             decisions_keep,
             force_fallback,
+            require_hooks,
+            test_refuse_program,
             watch_interval,
             rescan_interval,
             pin_dir,
@@ -177,6 +188,8 @@ fn main() -> ExitCode {
                     keep: decisions_keep,
                 },
                 force_fallback,
+                require_hooks,
+                refuse_programs: test_refuse_program,
                 watch_interval: Duration::from_secs_f64(watch_interval.max(0.05)),
                 rescan_interval: Duration::from_secs_f64(rescan_interval.max(0.05)),
                 pin_dir: (!no_pin).then_some(pin_dir),

@@ -119,6 +119,9 @@ pub struct Metrics {
     last_reader: Mutex<[u64; 2]>,
     /// Programs attached and a policy in force.
     pub ready: AtomicBool,
+    /// Actions no backend enforces (see `loader::MissingHook`): `/readyz`
+    /// answers 503 naming them while this is not empty.
+    degraded: Mutex<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -152,6 +155,7 @@ impl Metrics {
             reader: Mutex::new(None),
             last_reader: Mutex::new([0; 2]),
             ready: AtomicBool::new(false),
+            degraded: Mutex::new(Vec::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -259,6 +263,32 @@ impl Metrics {
                     backend: backend.as_str(),
                 })
                 .set(1);
+        }
+    }
+
+    /// Records the actions left unenforced (degraded mode).
+    pub fn set_missing(&self, missing: &[crate::loader::MissingHook]) {
+        *self.degraded.lock().unwrap_or_else(|e| e.into_inner()) = missing
+            .iter()
+            .map(|m| format!("{} not enforced ({}: {})", m.action, m.program, m.reason))
+            .collect();
+    }
+
+    /// `/readyz`: status line and body. Degraded (an action unenforced) is
+    /// 503 too, so a DaemonSet pod shows as not ready, with the body naming
+    /// what is missing; it is said only once the policy is in force.
+    fn readiness(&self) -> (&'static str, String) {
+        if !self.ready.load(Relaxed) {
+            return ("503 Service Unavailable", "not ready\n".into());
+        }
+        let degraded = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+        if degraded.is_empty() {
+            ("200 OK", "ready\n".into())
+        } else {
+            (
+                "503 Service Unavailable",
+                format!("degraded: {}\n", degraded.join("; ")),
+            )
         }
     }
 
@@ -410,14 +440,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     metrics.render(),
                 ),
                 "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                "/readyz" if metrics.ready.load(Relaxed) => {
-                    ("200 OK", "text/plain", "ready\n".into())
+                "/readyz" => {
+                    let (status, body) = metrics.readiness();
+                    (status, "text/plain", body)
                 }
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n".into(),
-                ),
                 _ => ("404 Not Found", "text/plain", "not found\n".into()),
             };
             let resp = format!(

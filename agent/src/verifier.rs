@@ -27,6 +27,8 @@ pub const BUDGET_INSNS: u32 = 100_000;
 /// Why `BPF_PROG_LOAD` (or the steps before it) failed, said in one line.
 #[derive(Debug)]
 pub struct Refusal {
+    /// The syscall's errno, when it got that far.
+    pub errno: Option<Errno>,
     /// errno name and its meaning (`E2BIG: argument list too long`), or
     /// the error itself when it did not come from the syscall.
     pub reason: String,
@@ -59,16 +61,15 @@ impl Refusal {
         } = err
         else {
             return Self {
+                errno: None,
                 reason: crate::loader::error_chain(err),
                 summary: None,
                 log: None,
             };
         };
-        let reason = match io_error.raw_os_error() {
-            Some(code) => {
-                let e = Errno::from_raw(code);
-                format!("{e:?}: {}", e.desc().to_lowercase())
-            }
+        let errno = io_error.raw_os_error().map(Errno::from_raw);
+        let reason = match errno {
+            Some(e) => format!("{e:?}: {}", e.desc()),
             None => io_error.to_string(),
         };
         let text = verifier_log.to_string();
@@ -78,6 +79,7 @@ impl Refusal {
             .filter(|p| std::fs::write(p, &text).is_ok());
         tracing::debug!(program, log = %text, "verifier log");
         Self {
+            errno,
             reason,
             summary,
             log,

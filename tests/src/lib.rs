@@ -262,6 +262,17 @@ impl Agent {
     /// a pin directory (or `--no-pin`), it pins under a fresh directory and
     /// removes its pins on exit, so tests never share pins.
     pub fn start_with(policy: &str, extra: &[&str]) -> Self {
+        Self::start_until(policy, extra, "agent ready", |code, _| code == 200)
+    }
+
+    /// Starts the agent with extra flags and waits until `/readyz` answers
+    /// what `ready(status, body)` accepts (e.g. a degraded 503).
+    pub fn start_until(
+        policy: &str,
+        extra: &[&str],
+        what: &str,
+        ready: impl Fn(u16, &str) -> bool,
+    ) -> Self {
         let dir = std::env::temp_dir().join(unique("portcullis-agent"));
         std::fs::create_dir_all(dir.join("policies")).unwrap();
         std::fs::write(dir.join("policies/policy.yaml"), policy).unwrap();
@@ -297,8 +308,9 @@ impl Agent {
             reloads_seen: 0.0,
             own_pins,
         };
-        agent.wait_until("agent ready", Duration::from_secs(60), |a| {
-            a.http("/readyz").is_some_and(|(code, _)| code == 200)
+        agent.wait_until(what, Duration::from_secs(60), |a| {
+            a.http("/readyz")
+                .is_some_and(|(code, body)| ready(code, &body))
         });
         agent.reloads_seen = agent.metric("portcullis_policy_reloads_total{result=\"success\"}");
         agent

@@ -416,3 +416,66 @@ fn metrics_move_with_real_syscalls() {
         "{body}"
     );
 }
+
+/// A hook that cannot load on any backend: the agent enforces what loaded
+/// and says what is missing (log ERROR, `/readyz` 503 naming it,
+/// `backend="none"`); with `--require-hooks` it refuses to start.
+#[test]
+fn a_hook_without_any_backend_degrades_loudly_and_the_rest_still_enforces() {
+    require_kernel!();
+    let tmp = TempDir::new("degraded");
+    std::fs::create_dir_all(tmp.path("bin")).unwrap();
+    std::fs::copy("/bin/true", tmp.path("bin/denied")).unwrap();
+    std::fs::write(tmp.path("secret"), b"hunter2").unwrap();
+    let cg = Cgroup::create("degraded");
+    let policy = format!(
+        "{}  exec:\n    deny: [\"{}\"]\n  files:\n    - {{ path: \"{}\", access: none }}\n",
+        policy_header("degraded", "enforce", &cg.path),
+        tmp.str("bin/denied"),
+        tmp.str("secret"),
+    );
+    let refuse = [
+        "--test-refuse-program",
+        "open_lsm",
+        "--test-refuse-program",
+        "open_tp",
+    ];
+    let agent = Agent::start_until(&policy, &refuse, "a degraded /readyz", |code, body| {
+        code == 503 && body.starts_with("degraded:")
+    });
+    let (_, body) = agent.http("/readyz").unwrap();
+    assert!(body.contains("open not enforced"), "{body}");
+    assert_eq!(agent.backend("open"), "none");
+    assert_ne!(agent.backend("exec"), "none");
+    assert_eq!(
+        agent
+            .log()
+            .matches("open is NOT enforced on this node")
+            .count(),
+        1,
+        "{}",
+        agent.log()
+    );
+    // What loaded enforces; what did not, does not.
+    assert_eq!(
+        probe(&cg, &["exec", &tmp.str("bin/denied")]),
+        agent.denied("exec")
+    );
+    assert_eq!(probe(&cg, &["read", &tmp.str("secret")]), Outcome::Ok(7));
+    drop(agent);
+
+    let mut args = vec!["run", "--policy", "/nonexistent-is-never-read", "--no-pin"];
+    args.extend(refuse);
+    args.push("--require-hooks");
+    let dir = TempDir::new("required");
+    let p = dir.path("p.yaml");
+    std::fs::write(&p, &policy).unwrap();
+    args[2] = p.to_str().unwrap();
+    let out = agent_cli(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("open cannot be enforced on this kernel (--require-hooks)"),
+        "{err}"
+    );
+}
