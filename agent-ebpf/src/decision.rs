@@ -191,32 +191,19 @@ fn default_hit(mask: u32) -> Hit {
     }
 }
 
-/// Index of the lowest set bit, by binary search: `trailing_zeros` may
-/// lower to a table load that BPF cannot express well.
+/// Index of the lowest set bit of a non-zero mask, without a branch: the
+/// bit count of the ones below it (SWAR popcount). A binary search split
+/// the verifier's state five ways, and every later use of the policy bit as
+/// an index kept the splits apart (6.1 walked the event code 32 times, ~290k
+/// instructions for exec); branch-free, it is one state with a bounded
+/// value. `trailing_zeros` may lower to a table load BPF cannot express.
 #[inline(always)]
 fn lowest_bit(mask: u32) -> u8 {
-    let mut m = mask & mask.wrapping_neg();
-    let mut n = 0u8;
-    if m & 0xffff_0000 != 0 {
-        n += 16;
-        m >>= 16;
-    }
-    if m & 0xff00 != 0 {
-        n += 8;
-        m >>= 8;
-    }
-    if m & 0xf0 != 0 {
-        n += 4;
-        m >>= 4;
-    }
-    if m & 0xc != 0 {
-        n += 2;
-        m >>= 2;
-    }
-    if m & 0x2 != 0 {
-        n += 1;
-    }
-    n
+    let mut x = (mask & mask.wrapping_neg()).wrapping_sub(1);
+    x = x - ((x >> 1) & 0x5555_5555);
+    x = (x & 0x3333_3333) + ((x >> 2) & 0x3333_3333);
+    x = (x + (x >> 4)) & 0x0f0f_0f0f;
+    (x.wrapping_mul(0x0101_0101) >> 24) as u8
 }
 
 /// Reserves an event; a full ring buffer is counted in `lost`, never silent.

@@ -487,23 +487,11 @@ fn exec_subtree_rule_applies_below_directory() {
     assert_eq!(events.last().map(|e| (e.rule_id, e.depth)), Some((9, 2)));
 }
 
-/// Whether the running kernel's verifier predates 6.7, which checks a
-/// bpf_loop callback as if it ran once: a branch on state carried between
-/// iterations is decided by its first-iteration value and dropped.
-fn verifier_checks_loop_callbacks_once() -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut v = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (6, 7)
-}
-
 /// Several enforce rules of one level deny: the first one is reported, and
 /// the walk stops there (the subtree rule above is not consulted), on every
-/// kernel. Several *audit* denies: the first is reported from 6.7 on; older
-/// verifiers drop the "nothing recorded yet" check (see
-/// `verifier_checks_loop_callbacks_once`), so there the last one is — a
-/// limitation of the decision log on those kernels, not of the verdict.
+/// kernel. Several *audit* denies: the first is reported on every kernel
+/// too (before the walk state moved into a map, verifiers older than 6.7
+/// dropped the "nothing recorded yet" check and 6.1 reported the last).
 #[test]
 fn first_denying_rule_is_reported() {
     if !require_root() {
@@ -547,11 +535,7 @@ fn first_denying_rule_is_reported() {
     add_inode_rule(&mut k, MAP_EXEC_RULES, &dir.0, empty);
     let s = cg.run(|| execv(&c));
     assert_eq!(exit_code(s), 0);
-    let reported = if verifier_checks_loop_callbacks_once() {
-        42
-    } else {
-        41
-    };
+    let reported = 41;
     assert_eq!(
         decisions(&mut k)
             .iter()
