@@ -17,10 +17,10 @@ fn main() -> anyhow::Result<()> {
     // refuses an empty object with a clear error.
     let out =
         std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?).join("portcullis");
-    if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-        if !out.exists() {
-            std::fs::write(&out, []).with_context(|| format!("writing {}", out.display()))?;
-        }
+    if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        && !out.exists()
+    {
+        std::fs::write(&out, []).with_context(|| format!("writing {}", out.display()))?;
     }
     aya_build::build_ebpf(
         [aya_build::Package {

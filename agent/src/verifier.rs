@@ -92,7 +92,7 @@ fn closing_line(log: &str) -> Option<String> {
     let lines = || log.lines().map(str::trim).filter(|l| !l.is_empty());
     lines()
         .rfind(|l| l.starts_with("processed "))
-        .or_else(|| lines().last())
+        .or_else(|| lines().next_back())
         .map(str::to_owned)
 }
 

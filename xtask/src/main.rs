@@ -8,6 +8,7 @@
 //!            (BPF-LSM on and off); see `vm.rs`.
 
 mod bench;
+mod kernels;
 mod setup;
 mod vm;
 

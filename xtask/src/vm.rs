@@ -4,8 +4,9 @@
 //! backend is tested inside Debian's cloud kernels booted under QEMU (TCG:
 //! `/dev/kvm` here cannot run a normal guest) with `bpf` in `lsm=`:
 //!
-//! 1. fetch the newest 6.1 and the newest cloud kernel apt offers into
-//!    `~/.cache/portcullis/vm/` (cached: a second run downloads nothing);
+//! 1. fetch the newest 6.1, the newest bookworm cloud kernel and the newest
+//!    cloud kernel of Debian's newer suites into `~/.cache/portcullis/vm/`
+//!    (see `kernels.rs`; cached: a second run downloads nothing);
 //! 2. build the agent, the probe and the kernel/end-to-end test executables
 //!    statically (`+crt-static`, `--target`, own target dir `target/vm`);
 //! 3. pack them with busybox and `tests/vm/init` into an initramfs;
@@ -64,7 +65,7 @@ pub fn run(root: &Path) -> Result<()> {
         crate::setup::apt_install("busybox-static")?;
     }
 
-    let kernels = kernels(&cache);
+    let kernels = crate::kernels::matrix(&cache);
     let work = root.join("target/vm");
     fs::create_dir_all(work.join("logs"))?;
     // One matrix at a time: two runs would overwrite each other's initramfs
@@ -171,14 +172,14 @@ fn cache_dir() -> PathBuf {
 
 // ---------------------------------------------------------------- tools
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn status(cmd: &mut Command) -> Result<()> {
+pub(crate) fn status(cmd: &mut Command) -> Result<()> {
     eprintln!("vm: {}", crate::describe(cmd));
     let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !st.success() {
@@ -203,129 +204,6 @@ fn is_static(path: &Path) -> bool {
         let o = phoff + i * phentsize;
         o + 4 <= elf.len() && u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) != 3 // PT_INTERP
     })
-}
-
-// -------------------------------------------------------------- kernels
-
-/// Numeric parts of a Debian kernel version, for ordering:
-/// `6.12.117+deb12` → [6, 12, 117, 12], `6.1.0-56` → [6, 1, 0, 56].
-fn version_key(v: &str) -> Vec<u64> {
-    v.split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap_or(0))
-        .collect()
-}
-
-/// The kernel versions (`6.1.0-56`, `6.12.117+deb12`) apt offers as
-/// `linux-image-<v>-cloud-amd64-unsigned`.
-fn apt_cloud_kernels() -> Vec<String> {
-    let search = || {
-        output(Command::new("apt-cache").args([
-            "search",
-            "--names-only",
-            "^linux-image-.*-cloud-amd64-unsigned$",
-        ]))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .next()?
-                .strip_prefix("linux-image-")?
-                .strip_suffix("-cloud-amd64-unsigned")
-                .map(str::to_owned)
-        })
-        .collect::<Vec<_>>()
-    };
-    let mut found = search();
-    if found.is_empty() {
-        let _ = status(Command::new("apt-get").args(["update", "-q"]));
-        found = search();
-    }
-    found
-}
-
-/// The kernels of the matrix, oldest first: the newest 6.1 and the newest
-/// of all. Each is `Err` (counted as failed) when it cannot be had.
-fn kernels(cache: &Path) -> Vec<(String, Result<PathBuf, String>)> {
-    let mut offered = apt_cloud_kernels();
-    if offered.is_empty() {
-        // Offline: fall back to what an earlier run cached.
-        offered = fs::read_dir(cache)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("vmlinuz").is_file())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-    }
-    offered.sort_by_key(|v| version_key(v));
-    let newest_61 = offered
-        .iter()
-        .rev()
-        .find(|v| v.starts_with("6.1.0-"))
-        .cloned();
-    let newest = offered.last().cloned();
-    let mut wanted = vec![
-        newest_61.ok_or_else(|| {
-            "6.1 (no linux-image-6.1.0-*-cloud-amd64-unsigned offered by apt)".to_owned()
-        }),
-        newest.ok_or_else(|| {
-            "newest (no linux-image-*-cloud-amd64-unsigned offered by apt)".to_owned()
-        }),
-    ];
-    wanted.dedup_by(|a, b| a.is_ok() && a == b);
-    wanted
-        .into_iter()
-        .map(|w| match w {
-            Ok(v) => {
-                let k = fetch_kernel(cache, &v).map_err(|e| format!("{e:#}"));
-                if let Err(e) = &k {
-                    eprintln!("vm: KERNEL {v} UNAVAILABLE: {e}");
-                }
-                (v, k)
-            }
-            Err(e) => {
-                eprintln!("vm: KERNEL UNAVAILABLE: {e}");
-                ("missing".to_owned(), Err(e))
-            }
-        })
-        .collect()
-}
-
-/// `apt-get download` + `dpkg -x`, keeping only `boot/vmlinuz-*`.
-fn fetch_kernel(cache: &Path, version: &str) -> Result<PathBuf> {
-    let dir = cache.join(version);
-    let vmlinuz = dir.join("vmlinuz");
-    if vmlinuz.is_file() {
-        eprintln!("vm: kernel {version}: cached at {}", vmlinuz.display());
-        return Ok(vmlinuz);
-    }
-    let tmp = cache.join(format!("{version}.partial"));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp)?;
-    let package = format!("linux-image-{version}-cloud-amd64-unsigned");
-    status(
-        Command::new("apt-get")
-            .args(["download", "-q", &package])
-            .current_dir(&tmp),
-    )?;
-    let deb = fs::read_dir(&tmp)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download {package} left no .deb"))?;
-    let root = tmp.join("root");
-    status(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
-    let image = root.join(format!("boot/vmlinuz-{version}-cloud-amd64"));
-    if !image.is_file() {
-        bail!("{} has no {}", deb.display(), image.display());
-    }
-    fs::create_dir_all(&dir)?;
-    fs::copy(&image, &vmlinuz)?;
-    let config = root.join(format!("boot/config-{version}-cloud-amd64"));
-    let _ = fs::copy(config, dir.join("config"));
-    let _ = fs::remove_dir_all(&tmp);
-    Ok(vmlinuz)
 }
 
 // ---------------------------------------------------------------- build
