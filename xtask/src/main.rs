@@ -108,7 +108,13 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         root.join("target/debug/portcullis-probe"),
     );
     eprintln!("xtask: {}", describe(&cmd));
+    // Written afresh by agent/tests/verifier_budget.rs: never show a stale one.
+    let _ = std::fs::remove_file(root.join("target/tmp/verifier-budget.txt"));
     let status = cmd.status().context("running cargo test")?;
+    match std::fs::read_to_string(root.join("target/tmp/verifier-budget.txt")) {
+        Ok(table) => eprintln!("xtask: verifier costs on this host:\n{table}"),
+        Err(e) => eprintln!("xtask: verifier costs on this host: not written ({e})"),
+    }
     if !status.success() {
         bail!("tests failed ({status})");
     }

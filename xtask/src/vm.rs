@@ -53,6 +53,8 @@ struct Outcome {
     /// libtest's `failures:` sections (panic message, agent log), shown
     /// above the table: CI keeps only the tail of what a run prints.
     failures: Vec<String>,
+    /// The verifier-cost table `agent/tests/verifier_budget.rs` printed.
+    verifier: Vec<String>,
     secs: f64,
 }
 
@@ -752,6 +754,10 @@ fn parse_console(console: &str, out: &mut Outcome) {
             f.push_str(line);
             f.push('\n');
         }
+        if let Some(row) = line.strip_prefix("PORTCULLIS-VERIFIER ") {
+            out.verifier.push(row.to_owned());
+            continue;
+        }
         if let Some(b) = line.strip_prefix("PORTCULLIS-VM-BACKEND ") {
             let value = |hook: &str| {
                 b.strip_prefix(&format!("portcullis_backend{{hook=\"{hook}\",backend=\""))
@@ -843,6 +849,15 @@ fn print_failure(boot: &str, text: &str) {
 }
 
 fn print_table(boots: &[Boot], results: &[Outcome], total: Duration) {
+    for (b, r) in boots.iter().zip(results) {
+        eprintln!("\nverifier costs on {}:", boot_name(b));
+        if r.verifier.is_empty() {
+            eprintln!("  (not printed: the budget test did not run)");
+        }
+        for row in &r.verifier {
+            eprintln!("  {row}");
+        }
+    }
     eprintln!();
     eprintln!("VM matrix (QEMU TCG, Debian cloud kernels):");
     eprintln!(
