@@ -127,11 +127,22 @@ pub fn matrix(cache: &Path) -> Vec<(String, Result<PathBuf, String>)> {
     let mut newer_offered =
         newer.cloud_kernels("^linux-image-[0-9].*-cloud-amd64$", "-cloud-amd64");
     newer_offered.sort_by_key(|(v, _)| version_key(v));
-    let newest_newer = newer_offered.last().cloned().filter(|(v, _)| {
-        newest
-            .as_ref()
-            .is_none_or(|(n, _)| version_key(v) > version_key(n))
-    });
+    // Since 7.x `linux-image-*` is a meta package; the image is in
+    // `linux-binary-*`.
+    let newest_newer = newer_offered
+        .last()
+        .cloned()
+        .filter(|(v, _)| {
+            newest
+                .as_ref()
+                .is_none_or(|(n, _)| version_key(v) > version_key(n))
+        })
+        .map(|(v, pkg)| {
+            let binary = format!("linux-binary-{v}-cloud-amd64");
+            let has_binary = output(newer.cmd("apt-cache").args(["show", &binary]))
+                .is_some_and(|o| !o.is_empty());
+            (v, if has_binary { binary } else { pkg })
+        });
     let mut wanted = vec![
         newest_61.map(|k| (k, &system)).ok_or_else(|| {
             "6.1 (no linux-image-6.1.0-*-cloud-amd64-unsigned offered by apt)".to_owned()
@@ -165,7 +176,7 @@ pub fn matrix(cache: &Path) -> Vec<(String, Result<PathBuf, String>)> {
         .collect()
 }
 
-/// `apt-get download` + `dpkg -x`, keeping only `boot/vmlinuz-*`.
+/// `apt-get download` + `dpkg -x`, keeping only the kernel image.
 fn fetch(apt: &Apt, cache: &Path, version: &str, package: &str) -> Result<PathBuf> {
     let dir = cache.join(version);
     let vmlinuz = dir.join("vmlinuz");
@@ -188,16 +199,28 @@ fn fetch(apt: &Apt, cache: &Path, version: &str, package: &str) -> Result<PathBu
         .with_context(|| format!("apt-get download {package} left no .deb"))?;
     let root = tmp.join("root");
     status(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
-    let image = root.join(format!("boot/vmlinuz-{version}-cloud-amd64"));
-    if !image.is_file() {
-        bail!("{} has no {}", deb.display(), image.display());
-    }
+    let Some(image) = kernel_image(&root, version) else {
+        bail!(
+            "{} has neither boot/vmlinuz-* nor usr/lib/modules/*/vmlinuz",
+            deb.display()
+        );
+    };
     fs::create_dir_all(&dir)?;
     fs::copy(&image, &vmlinuz)?;
-    let config = root.join(format!("boot/config-{version}-cloud-amd64"));
-    let _ = fs::copy(config, dir.join("config"));
     let _ = fs::remove_dir_all(&tmp);
     Ok(vmlinuz)
+}
+
+/// Until 6.x the image is `boot/vmlinuz-<v>`; the 7.x `linux-binary-*`
+/// packages ship it as `usr/lib/modules/<v>/vmlinuz` only.
+fn kernel_image(root: &Path, version: &str) -> Option<PathBuf> {
+    let release = format!("{version}-cloud-amd64");
+    [
+        root.join(format!("boot/vmlinuz-{release}")),
+        root.join(format!("usr/lib/modules/{release}/vmlinuz")),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
 }
 
 #[cfg(test)]
