@@ -268,7 +268,12 @@ pub fn select_pod(policies: &[Policy], cgroup_path: &str, pod: Option<&PodMetada
             path_ok
                 && unit_ok
                 && pod_ok
-                && (s.cgroup_path.is_some() || s.systemd_unit.is_some() || s.needs_pod())
+                // A uid alone selects every cgroup; the kernel then narrows
+                // the policy to that user's tasks per syscall.
+                && (s.cgroup_path.is_some()
+                    || s.systemd_unit.is_some()
+                    || s.needs_pod()
+                    || s.uid.is_some())
         })
         .map(|(i, _)| i)
         .collect()

@@ -8,6 +8,9 @@
 //! and make the syscall; the test synchronises on their exit status and on
 //! the ring buffer, never on sleeps.
 
+#[path = "support/skip.rs"]
+mod support;
+
 use std::{
     ffi::CString,
     fs,
@@ -31,7 +34,8 @@ use portcullis_common::{
     BACKEND_TRACEPOINT_KILL, EVENT_DECISION, Event, HAS_EXEC, HAS_FILES, HAS_NET, IdentityConfig,
     InodeKey, InodeRule, InodeRuleSet, MAP_EVENTS, MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES,
     MAP_IDENTITY_CFG, MAP_NET_RULES, MODE_ENFORCE, NET_KEY_DATA_LEN, NetRule, NetRuleSet,
-    RULE_ID_DEFAULT, VERDICT_ALLOW, VERDICT_DENY,
+    PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_EXEC_TP, PROG_OPEN_TP, PROG_SENDMSG4,
+    PROG_SENDMSG6, RULE_ID_DEFAULT, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 const IDENTITY: u32 = 7;
@@ -52,7 +56,7 @@ fn unique(prefix: &str) -> String {
 /// Skips (loudly) when not root: loading programs needs it.
 fn require_root() -> bool {
     if !Uid::effective().is_root() {
-        eprintln!("SKIP: kernel tests need root");
+        support::skip("kernel tests need root");
         return false;
     }
     true
@@ -293,7 +297,38 @@ fn programs_load_and_attach() {
     }
     let cg = TestCgroup::new();
     let k = load(&cg, IdentityConfig::default());
-    assert!(k.ebpf.programs().count() >= 9);
+    // Counted in the kernel: the programs it holds for us and the links
+    // that attach them, not what the object file declares.
+    let ours: std::collections::HashMap<u32, String> = k
+        .ebpf
+        .programs()
+        .filter_map(|(name, p)| Some((p.info().ok()?.id(), name.to_owned())))
+        .collect();
+    let mut attached: Vec<&str> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter_map(|l| ours.get(&l.program_id()).map(String::as_str))
+        .collect();
+    attached.sort_unstable();
+    assert_eq!(
+        attached,
+        [
+            PROG_CGROUP_MKDIR,
+            PROG_CONNECT4,
+            PROG_CONNECT6,
+            PROG_EXEC_TP,
+            PROG_OPEN_TP,
+            PROG_SENDMSG4,
+            PROG_SENDMSG6
+        ],
+        "each fallback program loaded and attached exactly once"
+    );
+    drop(k);
+    assert!(
+        !aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .any(|l| ours.contains_key(&l.program_id())),
+        "unpinned links detach with the agent"
+    );
 }
 
 #[test]

@@ -3,6 +3,9 @@
 //! `verifier::BUDGET_INSNS` and a second of verification. Runs on the host
 //! and in every QEMU boot of `cargo xtask vm`, which prints the table.
 
+#[path = "support/skip.rs"]
+mod support;
+
 use std::{path::Path, time::Duration};
 
 use nix::unistd::Uid;
@@ -14,7 +17,7 @@ use portcullis::{
 #[test]
 fn every_program_verifies_within_budget() {
     if !Uid::effective().is_root() {
-        eprintln!("SKIP: loading programs needs root");
+        support::skip("loading programs needs root");
         return;
     }
     let root = portcullis::cgroup::v2_root().expect("cgroup v2 is mounted");

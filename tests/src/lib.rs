@@ -26,7 +26,7 @@ pub fn unique(tag: &str) -> String {
 }
 
 /// Why a test cannot run here, or `None` when it can. Callers print the
-/// reason with `SKIP:` and return, so the skip is visible in the output.
+/// reason with [`skip`] and return, so the skip is visible in the output.
 pub fn missing_requirement() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("needs root (loads eBPF programs, creates cgroups)".into());
@@ -37,12 +37,16 @@ pub fn missing_requirement() -> Option<String> {
     None
 }
 
+#[path = "../../agent/tests/support/skip.rs"]
+mod skip;
+pub use skip::skip;
+
 /// Skips the calling test, loudly, when the machine cannot run it.
 #[macro_export]
 macro_rules! require_kernel {
     () => {
         if let Some(why) = $crate::missing_requirement() {
-            eprintln!("SKIP: {}: {why}", module_path!());
+            $crate::skip(&why);
             return;
         }
     };
@@ -146,12 +150,17 @@ pub fn probe(cg: &Cgroup, args: &[&str]) -> Outcome {
 
 /// [`probe`], acting as `uid` (and gid) after joining the cgroup.
 pub fn probe_as(cg: &Cgroup, uid: Option<u32>, args: &[&str]) -> Outcome {
+    probe_dir(Path::new(cg.dir_str()), uid, args)
+}
+
+/// [`probe_as`] in a cgroup directory this harness did not create (a pod's).
+pub fn probe_dir(cgroup_dir: &Path, uid: Option<u32>, args: &[&str]) -> Outcome {
     let mut cmd = Command::new(probe_bin());
     if let Some(uid) = uid {
         cmd.env("PORTCULLIS_PROBE_UID", uid.to_string());
     }
     let out = cmd
-        .arg(cg.dir_str())
+        .arg(cgroup_dir)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -316,6 +325,12 @@ impl Agent {
         agent
     }
 
+    /// Sends `sig` to the agent (SIGSTOP to take user space out of a test).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signalling the agent");
+    }
+
     /// Kills the agent with SIGKILL (no cleanup runs) and waits for it.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -373,18 +388,10 @@ impl Agent {
         Some((code, body))
     }
 
-    /// The value of one sample (`name{labels}` exactly as exposed), 0 if absent.
+    /// The value of one sample (see [`sample_value`]).
     pub fn metric(&self, sample: &str) -> f64 {
         let (_, body) = self.http("/metrics").expect("metrics endpoint");
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        sample_value(&body, sample)
     }
 
     /// Replaces the policy, sends SIGHUP, and waits for the reload's result.
@@ -497,4 +504,86 @@ pub fn policy_header(name: &str, mode: &str, cgroup_glob: &str) -> String {
     format!(
         "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: {name}\nspec:\n  mode: {mode}\n  selector:\n    cgroupPath: \"{cgroup_glob}\"\n"
     )
+}
+
+/// Creates a one-entry hash map and pins it at `path` (on a bpffs), through
+/// `bpf()` itself: no bpftool, which the VM guests do not have.
+pub fn pin_hash_map(path: &Path) {
+    // `union bpf_attr`, as BPF_MAP_CREATE and BPF_OBJ_PIN read it.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[1 /* BPF_MAP_TYPE_HASH */, 4, 4, 1]);
+    let bpf = |cmd: libc::c_long, attr: &[u32; 32]| {
+        // SAFETY: `attr` is a zero-filled bpf_attr of the size passed.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of_val(attr)) }
+    };
+    let fd = bpf(0 /* BPF_MAP_CREATE */, &attr);
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = [0u32; 32];
+    let ptr = name.as_ptr() as u64;
+    pin[0] = ptr as u32;
+    pin[1] = (ptr >> 32) as u32;
+    pin[2] = fd as u32;
+    let pinned = bpf(6 /* BPF_OBJ_PIN */, &pin);
+    let err = std::io::Error::last_os_error();
+    // SAFETY: `fd` is the map fd created above, closed once.
+    unsafe { libc::close(fd as i32) };
+    assert!(pinned == 0, "BPF_OBJ_PIN {}: {err}", path.display());
+}
+
+/// The value of one sample (`name{labels}` exactly as exposed) in a
+/// Prometheus text body. A labelled sample not yet emitted reads 0 while its
+/// family is declared (`# TYPE`), so a counter that never moved compares
+/// as 0; a family the body does not declare at all panics, so a renamed or
+/// removed metric fails the test instead of reading as 0.
+pub fn sample_value(body: &str, sample: &str) -> f64 {
+    let found = body.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    });
+    if let Some(v) = found {
+        return v;
+    }
+    let name = sample.split('{').next().unwrap_or(sample);
+    let family = name.strip_suffix("_total").unwrap_or(name);
+    let declared = body.lines().any(|l| {
+        l.strip_prefix("# TYPE ")
+            .and_then(|t| t.split_whitespace().next())
+            .is_some_and(|f| f == family || f == name)
+    });
+    assert!(declared, "metric {name} is not exposed:\n{body}");
+    0.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_value;
+
+    const BODY: &str = "# TYPE portcullis_events_lost counter\nportcullis_events_lost_total 0\n# TYPE portcullis_decisions counter\nportcullis_decisions_total{action=\"open\"} 7\n";
+
+    #[test]
+    fn a_sample_reads_its_value_and_an_unemitted_label_reads_zero() {
+        assert_eq!(
+            sample_value(BODY, "portcullis_decisions_total{action=\"open\"}"),
+            7.0
+        );
+        assert_eq!(
+            sample_value(BODY, "portcullis_decisions_total{action=\"exec\"}"),
+            0.0
+        );
+        assert_eq!(sample_value(BODY, "portcullis_events_lost_total"), 0.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "portcullis_events_dropped_total is not exposed")]
+    fn a_renamed_metric_fails_instead_of_reading_zero() {
+        sample_value(BODY, "portcullis_events_dropped_total");
+    }
 }

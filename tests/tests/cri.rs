@@ -25,7 +25,9 @@ use portcullis::pod::cri::{
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount,
     NAMESPACE_MODE_NODE, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
 };
-use portcullis_tests::{Agent, Listener, TempDir, cgroup_root, require_kernel, unique};
+use portcullis_tests::{
+    Agent, EPERM, Listener, Outcome, TempDir, cgroup_root, probe_dir, require_kernel, unique,
+};
 
 const IMAGE: &str = "localhost/portcullis/busybox:test";
 
@@ -588,7 +590,7 @@ impl Node {
     /// `None`, after printing SKIP and why, when a part is missing here.
     fn start(name: &str) -> Option<Self> {
         if let Some(why) = missing_parts() {
-            eprintln!("SKIP: cri: {why}");
+            portcullis_tests::skip(&format!("cri: {why}"));
             return None;
         }
         let serial = serial();
@@ -885,18 +887,14 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
     // A process in the container's cgroup (joined from the host, as the
     // kernel sees it the same).
     let connect = || {
-        let out = Command::new(probe_bin())
-            .arg(&container_cgroup)
-            .args(["connect", "127.0.0.1", &listener.port.to_string()])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        probe_dir(
+            &container_cgroup,
+            None,
+            &["connect", "127.0.0.1", &listener.port.to_string()],
+        )
     };
     let out = connect();
-    assert!(
-        out.contains("\"ok\":true"),
-        "runtime down: classified by path only: {out}"
-    );
+    assert_eq!(out, Outcome::Ok(0), "runtime down: classified by path only");
     assert!(
         agent.log().contains("CRI runtime unavailable"),
         "{}",
@@ -907,12 +905,12 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
     let start = Instant::now();
     loop {
         let out = connect();
-        if out.contains(&format!("\"errno\":{}", libc::EPERM)) {
+        if out == Outcome::Errno(EPERM) {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "pod selector never applied after the runtime came back: {out}\n{}",
+            "pod selector never applied after the runtime came back: {out:?}\n{}",
             agent.log()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -922,13 +920,6 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
         "{}",
         agent.log()
     );
-}
-
-fn probe_bin() -> PathBuf {
-    std::env::var_os("PORTCULLIS_PROBE").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portcullis-probe"),
-        PathBuf::from,
-    )
 }
 
 /// The kubelet creates a pod's cgroup and projects its service account token
@@ -957,16 +948,15 @@ fn namespace_default_applies_before_the_runtime_reports_the_pod() {
     let pod_cgroup = cgroup_root().join(format!("{top}/kubepods/besteffort/pod{uid}"));
     std::fs::create_dir_all(&pod_cgroup).unwrap();
     let connect = |port: u16| {
-        let out = Command::new(probe_bin())
-            .arg(&pod_cgroup)
-            .args(["connect", "127.0.0.1", &port.to_string()])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        probe_dir(
+            &pod_cgroup,
+            None,
+            &["connect", "127.0.0.1", &port.to_string()],
+        )
     };
-    let eperm = format!("\"errno\":{}", libc::EPERM);
+    let eperm = Outcome::Errno(EPERM);
     let start = Instant::now();
-    while !connect(ns_port.port).contains(&eperm) {
+    while connect(ns_port.port) != eperm {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "namespace policy never applied to the pod-level cgroup\n{}",
@@ -974,10 +964,10 @@ fn namespace_default_applies_before_the_runtime_reports_the_pod() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = connect(label_port.port);
-    assert!(
-        out.contains("\"ok\":true"),
-        "labels are not known yet: {out}"
+    assert_eq!(
+        connect(label_port.port),
+        Outcome::Ok(0),
+        "labels are not known yet"
     );
 
     // The runtime's part: the sandbox, in the cgroup the kubelet made.
@@ -992,7 +982,7 @@ fn namespace_default_applies_before_the_runtime_reports_the_pod() {
     };
     create_pod(ctrd, &top, &spec, &shared, &kubelet_root);
     let start = Instant::now();
-    while !connect(label_port.port).contains(&eperm) {
+    while connect(label_port.port) != eperm {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "label policy never applied once the runtime reported the pod\n{}",
@@ -1000,8 +990,9 @@ fn namespace_default_applies_before_the_runtime_reports_the_pod() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        connect(ns_port.port).contains(&eperm),
+    assert_eq!(
+        connect(ns_port.port),
+        eperm,
         "namespace policy still applies"
     );
 }

@@ -42,9 +42,8 @@ fn repo() -> PathBuf {
 macro_rules! require_deploy_dir {
     () => {
         if !repo().join("deploy/daemonset.yaml").exists() {
-            eprintln!(
-                "SKIP: {}: deploy/ is not present (test executable run outside the repository)",
-                module_path!()
+            portcullis_tests::skip(
+                "deploy/ is not present (test executable run outside the repository)",
             );
             return;
         }
@@ -409,8 +408,8 @@ fn template_subset_renders_like_helm() {
 fn daemonset_and_chart_pass_the_kubernetes_schema_and_agree() {
     require_deploy_dir!();
     let Some(bin) = validator() else {
-        eprintln!(
-            "SKIP: deploy schema: kubernetes-validate is not installed (cargo xtask setup installs it)"
+        portcullis_tests::skip(
+            "deploy schema: kubernetes-validate is not installed (cargo xtask setup installs it)",
         );
         return;
     };
@@ -628,10 +627,8 @@ impl Running {
     }
 
     fn metric(&self, sample: &str) -> f64 {
-        let body = self.get("/metrics").map(|(_, b)| b).unwrap_or_default();
-        body.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.trim().parse().ok()))
-            .unwrap_or(0.0)
+        let (_, body) = self.get("/metrics").expect("metrics endpoint");
+        portcullis_tests::sample_value(&body, sample)
     }
 
     fn wait(&mut self, what: &str, mut cond: impl FnMut(&Self) -> bool) {
@@ -706,8 +703,8 @@ fn daemonset_capabilities_suffice_and_configmap_edits_hot_reload() {
     require_deploy_dir!();
     require_kernel!();
     if !util_linux_setpriv() {
-        eprintln!(
-            "SKIP: deploy privileges: util-linux setpriv (with --bounding-set) is not installed"
+        portcullis_tests::skip(
+            "deploy privileges: util-linux setpriv (with --bounding-set) is not installed",
         );
         return;
     }
@@ -878,8 +875,8 @@ fn each_daemonset_capability_is_needed() {
     require_deploy_dir!();
     require_kernel!();
     if !util_linux_setpriv() {
-        eprintln!(
-            "SKIP: deploy privileges: util-linux setpriv (with --bounding-set) is not installed"
+        portcullis_tests::skip(
+            "deploy privileges: util-linux setpriv (with --bounding-set) is not installed",
         );
         return;
     }

@@ -3,6 +3,7 @@
 //! selects, checks the kernel's answer (EPERM, or SIGKILL on the tracepoint
 //! backend), then changes the policy and checks the call succeeds again.
 
+use nix::sys::signal::Signal;
 use portcullis_tests::{
     Agent, Cgroup, EPERM, Listener, Outcome, TempDir, policy_header, probe, probe_as,
     require_kernel,
@@ -345,12 +346,14 @@ fn new_cgroups_are_governed_child_inherits_at_once_and_new_top_level_is_classifi
     );
     let mut agent = Agent::start(&two);
     // A child created after start inherits its parent's identity in the
-    // kernel from its first syscall: no window.
+    // kernel from its first syscall: no window. The agent is stopped
+    // meanwhile, so the answer is the kernel's ancestor walk alone, never
+    // the agent classifying the new cgroup first.
+    agent.signal(Signal::SIGSTOP);
     let child = parent.child("child");
-    assert_eq!(
-        probe(&child, &["connect", "127.0.0.1", &port]),
-        Outcome::Errno(EPERM)
-    );
+    let first = probe(&child, &["connect", "127.0.0.1", &port]);
+    agent.signal(Signal::SIGCONT);
+    assert_eq!(first, Outcome::Errno(EPERM));
     // A new top-level cgroup is classified from the cgroup_mkdir event.
     let late = Cgroup::create_named(&late_name);
     let started = std::time::Instant::now();
@@ -508,4 +511,43 @@ fn uid_selector_applies_only_to_that_users_tasks() {
         probe_as(&cg, None, &["connect", "127.0.0.1", &port]),
         Outcome::Ok(0)
     );
+}
+
+/// A `uid` alone selects every cgroup, for that user's tasks: a cgroup the
+/// policy never names is governed, other users in it are not, and the
+/// connect succeeds once the policy no longer denies it.
+#[test]
+fn a_uid_only_selector_governs_that_user_in_every_cgroup() {
+    require_kernel!();
+    let listener = Listener::new("127.0.0.1");
+    let port = listener.port.to_string();
+    // Unnamed by the policy; the uid is one no other test uses, since this
+    // policy reaches every cgroup on the host.
+    let cg = Cgroup::create("uid-only");
+    let policy = |deny: &str| {
+        format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: only-uid\nspec:\n  selector:\n    uid: 4317\n  network:\n    egress:\n      deny:\n{deny}"
+        )
+    };
+    let mut agent = Agent::start(&policy(&format!(
+        "        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n"
+    )));
+    let connect = |uid| probe_as(&cg, uid, &["connect", "127.0.0.1", &port]);
+    assert_eq!(connect(Some(4317)), Outcome::Errno(EPERM));
+    assert_eq!(connect(Some(4318)), Outcome::Ok(0));
+    assert_eq!(connect(None), Outcome::Ok(0));
+    let d = agent.wait_decision("uid-only deny line", |d| {
+        d["workload"]["cgroup"] == cg.path.as_str()
+    });
+    assert_eq!(
+        (
+            d["verdict"].as_str(),
+            d["policy"].as_str(),
+            d["workload"]["uid"].as_u64()
+        ),
+        (Some("deny"), Some("only-uid"), Some(4317))
+    );
+
+    assert!(agent.reload(&policy("        - { cidr: 192.0.2.0/24 }\n")));
+    assert_eq!(connect(Some(4317)), Outcome::Ok(0));
 }

@@ -11,8 +11,8 @@ use std::{
 };
 
 use portcullis_tests::{
-    Agent, Cgroup, EPERM, Listener, Outcome, TempDir, agent_cli, pin_dir, policy_header, probe,
-    probe_output, require_kernel,
+    Agent, Cgroup, EPERM, Listener, Outcome, TempDir, agent_cli, pin_dir, pin_hash_map,
+    policy_header, probe, probe_output, require_kernel,
 };
 
 /// Removes a pin directory on drop (`portcullis uninstall`), so a failed
@@ -79,29 +79,10 @@ fn enforcement_survives_kill_and_a_restart_adopts_the_pins() {
     // program of that agent is left.
     let stale = pins.0.join("maps-v0");
     std::fs::create_dir_all(&stale).unwrap();
-    // bpftool is installed by `cargo xtask setup`; the VM guest has none.
-    let made = std::process::Command::new("bpftool")
-        .args(["map", "create", &stale.join("OLD").display().to_string()])
-        .args([
-            "type", "hash", "key", "4", "value", "4", "entries", "1", "name", "old",
-        ])
-        .status();
-    let check_stale = match made {
-        Ok(st) => {
-            assert!(st.success(), "bpftool map create");
-            true
-        }
-        Err(e) => {
-            eprintln!("NOTE: no bpftool ({e}): stale-map removal not checked here");
-            false
-        }
-    };
+    pin_hash_map(&stale.join("OLD"));
 
     let mut first = Agent::start_with(&deny, &["--pin-dir", &pin_arg]);
-    assert!(
-        !check_stale || !stale.exists(),
-        "stale maps of another layout removed"
-    );
+    assert!(!stale.exists(), "stale maps of another layout removed");
     assert_eq!(
         probe(&cg, &["connect", "127.0.0.1", &port]),
         Outcome::Errno(EPERM)

@@ -107,14 +107,29 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         "PORTCULLIS_PROBE",
         root.join("target/debug/portcullis-probe"),
     );
+    // cargo counts a test that returned early as passed: the tests append
+    // their skips here (tests/support/skip.rs) and they are listed below.
+    let skip_log = root.join("target/tmp/skipped.txt");
+    cmd.env("PORTCULLIS_SKIP_LOG", &skip_log);
     eprintln!("xtask: {}", describe(&cmd));
     // Written afresh by agent/tests/verifier_budget.rs: never show a stale one.
     let _ = std::fs::remove_file(root.join("target/tmp/verifier-budget.txt"));
+    let _ = std::fs::create_dir_all(root.join("target/tmp"));
+    let _ = std::fs::remove_file(&skip_log);
     let status = cmd.status().context("running cargo test")?;
     match std::fs::read_to_string(root.join("target/tmp/verifier-budget.txt")) {
         Ok(table) => eprintln!("xtask: verifier costs on this host:\n{table}"),
         Err(e) => eprintln!("xtask: verifier costs on this host: not written ({e})"),
     }
+    let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
+    eprintln!(
+        "xtask: {} tests skipped on this host (cargo counted them as passed){}",
+        skipped.lines().count(),
+        skipped
+            .lines()
+            .map(|l| format!("\n  SKIPPED {l}"))
+            .collect::<String>()
+    );
     if !status.success() {
         bail!("tests failed ({status})");
     }

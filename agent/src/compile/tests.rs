@@ -80,6 +80,31 @@ fn identities_are_shared_by_policy_set() {
 }
 
 #[test]
+fn a_uid_alone_selects_every_cgroup_and_narrows_with_a_path() {
+    let mut only_uid = policy("only-uid", "unused");
+    only_uid.selector = Selector {
+        uid: Some((4242, 4242)),
+        ..Default::default()
+    };
+    let mut uid_and_path = policy("uid-and-path", "/a/**");
+    uid_and_path.selector.uid = Some((7, 9));
+    let c = compile(&[only_uid, uid_and_path], &cgroups(), N).unwrap();
+    for (id, set) in [
+        (1, vec![0]),
+        (2, vec![0, 1]),
+        (3, vec![0, 1]),
+        (4, vec![0]),
+        (5, vec![0]),
+    ] {
+        assert_eq!(c.identity_policies[&c.cgroups[&id]], set, "cgroup {id}");
+    }
+    let cfg = c.identity_cfg[&c.cgroups[&2]];
+    assert_eq!(cfg.uid_scoped, 0b11);
+    assert_eq!((cfg.uid_lo[0], cfg.uid_hi[0]), (4242, 4242));
+    assert_eq!((cfg.uid_lo[1], cfg.uid_hi[1]), (7, 9));
+}
+
+#[test]
 fn default_deny_is_per_policy_bit() {
     let mut deny = policy("deny", "/a/**");
     deny.egress = Some(EgressRules {
