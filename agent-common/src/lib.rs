@@ -92,8 +92,12 @@ pub const PROG_CGROUP_MKDIR: &str = "cgroup_mkdir";
 pub const IDENTITY_UNRESTRICTED: u32 = 0;
 /// How many ancestors the kernel walks to find a classified cgroup.
 pub const MAX_CGROUP_DEPTH: u32 = 16;
-/// How many directory levels above a file the kernel checks for subtree rules.
-pub const MAX_PATH_DEPTH: u32 = 16;
+/// How many directory levels, the target included, the kernel walks looking
+/// for subtree rules. A walk that has not reached the filesystem root by
+/// then fails closed (`RULE_ID_TOO_DEEP`): never a free pass below a denied
+/// subtree. The walk runs under `bpf_loop`, so the bound costs the verifier
+/// nothing; 1024 levels is a path of at least 2048 bytes, half of PATH_MAX.
+pub const MAX_PATH_DEPTH: u32 = 1024;
 /// Policies that may select one identity (bits of the `*_mask` fields).
 pub const MAX_POLICIES_PER_IDENTITY: u32 = 32;
 
@@ -147,6 +151,13 @@ pub const RULE_LOG_ALLOW: u32 = 2;
 
 /// `rule_id` of a decision that came from a policy default, not a rule.
 pub const RULE_ID_DEFAULT: u32 = 0;
+/// `rule_id` of a deny no rule made: the target is more than
+/// `MAX_PATH_DEPTH` levels below its filesystem root, so the rules above it
+/// were not all seen.
+pub const RULE_ID_TOO_DEEP: u32 = u32::MAX;
+/// `rule_id` of a deny no rule made: another task took this CPU's walk
+/// state mid-walk (see the kernel's `inode::Walk::owner`).
+pub const RULE_ID_RACED: u32 = u32::MAX - 1;
 
 pub const COUNTER_LOST_EVENTS: u32 = 0;
 pub const COUNTER_ERR_CONNECT: u32 = 1;

@@ -166,14 +166,14 @@ pub const fn allow() -> Decision {
     }
 }
 
-/// A deny no rule produced: the walk state was lost to another task
-/// (see `inode::Walk::owner`).
+/// A deny no rule produced (`why` is `RULE_ID_TOO_DEEP` or
+/// `RULE_ID_RACED`).
 #[inline(always)]
-pub const fn fail_closed() -> Decision {
+pub const fn fail_closed(why: u32) -> Decision {
     Decision {
         verdict: VERDICT_DENY,
         hit: Hit {
-            rule_id: RULE_ID_DEFAULT,
+            rule_id: why,
             policy_bit: 0,
             depth: 0,
         },

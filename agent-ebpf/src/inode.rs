@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{
 use portcullis_common::{
     COUNTER_ERR_EXEC, COUNTER_ERR_OPEN, EVENT_DECISION, EVENT_NAME_LEN, EVENT_NAMES, Event,
     INODE_RULES_PER_KEY, IdentityConfig, InodeKey, InodeRuleSet, KernelOffsets, MAX_PATH_DEPTH,
-    MODE_ENFORCE, RULE_LOG_ALLOW, RULE_SUBTREE,
+    MODE_ENFORCE, RULE_ID_RACED, RULE_ID_TOO_DEEP, RULE_LOG_ALLOW, RULE_SUBTREE,
 };
 
 use crate::{
@@ -73,6 +73,9 @@ pub struct Walk {
     dev: u32,
     ino: u64,
     depth: u32,
+    /// Set when the walk met the filesystem root; a walk that ran out of
+    /// levels first fails closed.
+    reached_root: u32,
     err: i64,
     m: Matches,
 }
@@ -113,6 +116,7 @@ pub fn decide(
             dev,
             ino,
             depth: 0,
+            reached_root: 0,
             err: 0,
             m: Matches::new(req.active),
         };
@@ -137,7 +141,7 @@ pub fn decide(
             RuleMap::File => COUNTER_ERR_OPEN,
         });
         return Ok(Outcome {
-            decision: fail_closed(),
+            decision: fail_closed(RULE_ID_RACED),
             dentry: leaf,
             dev,
             ino,
@@ -146,8 +150,15 @@ pub fn decide(
     if w.err != 0 {
         return Err(w.err);
     }
+    // Read back from the map, so the verifier cannot fold this test away
+    // (see `Walk`).
+    let decision = if w.reached_root == 0 && !w.m.enforce_denied() {
+        fail_closed(RULE_ID_TOO_DEEP)
+    } else {
+        w.m.finish(req.deny_enforce, req.deny_audit)
+    };
     Ok(Outcome {
-        decision: w.m.finish(req.deny_enforce, req.deny_audit),
+        decision,
         dentry: leaf,
         dev,
         ino,
@@ -156,7 +167,8 @@ pub fn decide(
 
 /// One directory level: look (dev, ino) up, apply its rules, step to the
 /// parent. Returns 1 to stop. The walk stops at the filesystem root (whose
-/// d_parent is itself); it does not cross mount points.
+/// d_parent is itself); it does not cross mount points. Past
+/// `MAX_PATH_DEPTH` levels `bpf_loop` ends it with `reached_root` unset.
 #[inline(never)]
 extern "C" fn walk_level(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the caller's `WalkCtx`, `walk` a live map value.
@@ -195,6 +207,7 @@ extern "C" fn walk_level(i: u64, ctx: *mut c_void) -> i64 {
         }
     };
     if parent == dentry {
+        w.reached_root = 1;
         return 1;
     }
     match dentry_id(&o, parent) {

@@ -14,8 +14,8 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
     ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_EXEC, ACTION_OPEN,
-    EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event, RULE_ID_DEFAULT, VERDICT_ALLOW,
-    VERDICT_AUDIT,
+    EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event, MAX_PATH_DEPTH, RULE_ID_DEFAULT,
+    RULE_ID_RACED, RULE_ID_TOO_DEEP, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -296,19 +296,23 @@ fn target_path(ev: &Event, names: &Compiled) -> String {
         .collect();
     let depth = ev.depth as usize;
     // Find the deciding directory by walking `depth` names up from the leaf.
-    let dir = (depth > 0 && depth <= collected.len())
+    let dir = (depth > 0)
         .then(|| names.rules.get(ev.rule_id as usize))
         .flatten()
         .and_then(|r| r.rule.split_whitespace().nth(1))
         .map(|pat| pat.trim_end_matches("/**").to_owned());
     match dir {
         Some(dir) => {
-            let below: Vec<&str> = collected[..depth]
+            let shown = depth.min(collected.len());
+            let below: Vec<&str> = collected[..shown]
                 .iter()
                 .rev()
                 .map(String::as_str)
                 .collect();
-            format!("{dir}/{}", below.join("/"))
+            // The kernel sends the names of the lowest levels only; the
+            // levels between them and the deciding directory show as `...`.
+            let gap = if shown < depth { "/..." } else { "" };
+            format!("{dir}{gap}/{}", below.join("/"))
         }
         None if ev.action == ACTION_EXEC && !cstr(&ev.names[EVENT_NAMES - 1]).is_empty() => {
             cstr(&ev.names[EVENT_NAMES - 1])
@@ -319,14 +323,25 @@ fn target_path(ev: &Event, names: &Compiled) -> String {
 
 /// Builds the log record for a decision event.
 pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
+    // The kernel's own fail-closed denies belong to no policy.
+    let fail_closed = match ev.rule_id {
+        RULE_ID_TOO_DEEP => Some(format!(
+            "fail-closed: more than {MAX_PATH_DEPTH} levels below the filesystem root"
+        )),
+        RULE_ID_RACED => Some("fail-closed: the walk state was taken by another task".into()),
+        _ => None,
+    };
     let policy = names
         .identity_policies
         .get(&ev.identity)
+        .filter(|_| fail_closed.is_none())
         .and_then(|set| set.get(usize::from(ev.policy_bit)))
         .and_then(|&i| names.policies.get(i))
         .cloned()
         .unwrap_or_default();
-    let rule = if ev.rule_id == RULE_ID_DEFAULT {
+    let rule = if let Some(why) = fail_closed {
+        why
+    } else if ev.rule_id == RULE_ID_DEFAULT {
         "default".to_owned()
     } else {
         names

@@ -551,3 +551,68 @@ fn a_uid_only_selector_governs_that_user_in_every_cgroup() {
     assert!(agent.reload(&policy("        - { cidr: 192.0.2.0/24 }\n")));
     assert_eq!(connect(Some(4317)), Outcome::Ok(0));
 }
+
+/// A denied subtree holds however deep the file sits: at 17 and 40 levels
+/// below it (the walk used to stop after 16 levels and allow). A file
+/// deeper below its filesystem root than the kernel walks at all is denied
+/// by no rule (fail closed), and is readable again once the workload has no
+/// file rules.
+#[test]
+fn a_denied_subtree_holds_at_any_depth_and_a_deeper_walk_fails_closed() {
+    require_kernel!();
+    let tmp = TempDir::new("deep");
+    // `base/d/d/.../f`, `levels` directory levels below `base`.
+    let nested = |base: &str, levels: usize| {
+        let mut p = tmp.str(base);
+        for _ in 1..levels {
+            p.push_str("/d");
+        }
+        std::fs::create_dir_all(&p).unwrap();
+        p.push_str("/f");
+        std::fs::write(&p, b"deep").unwrap();
+        p
+    };
+    let (at17, at40) = (nested("secret", 17), nested("secret", 40));
+    // Past the kernel's walk (`MAX_PATH_DEPTH`, 1024 levels), in a
+    // directory no rule names.
+    let beyond_walk = nested("open", 1024 + 8);
+    let cg = Cgroup::create("deep");
+    let other = Cgroup::create("deep-bystander");
+    let deny = format!(
+        "    - {{ path: \"{}/secret/**\", access: none }}\n",
+        tmp.0.display()
+    );
+    let mut agent = Agent::start(&files_policy(&cg, &deny));
+    let denied = agent.denied("open");
+    for path in [&at17, &at40, &beyond_walk] {
+        assert_eq!(probe(&cg, &["read", path]), denied, "{} bytes", path.len());
+        assert_eq!(probe(&other, &["read", path]), Outcome::Ok(4));
+    }
+    let deep = agent.wait_decision("depth-40 deny line", |d| {
+        d["target"]["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/d/d/f"))
+            && d["rule"].as_str().is_some_and(|r| r.contains("/secret/**"))
+    });
+    assert_eq!(deep["policy"], "datasets");
+    let closed = agent.wait_decision("fail-closed line", |d| {
+        d["rule"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("fail-closed"))
+    });
+    assert_eq!(
+        (closed["policy"].as_str(), closed["verdict"].as_str()),
+        (Some(""), Some("deny"))
+    );
+
+    // The deny rule gone, the subtree reads again; with no file rule left,
+    // so does the path beyond the walk.
+    assert!(agent.reload(&egress_policy(
+        &cg,
+        "enforce",
+        "      deny:\n        - { cidr: 192.0.2.0/24 }\n"
+    )));
+    for path in [&at17, &at40, &beyond_walk] {
+        assert_eq!(probe(&cg, &["read", path]), Outcome::Ok(4));
+    }
+}
