@@ -59,7 +59,7 @@ pub const PINNED_MAPS: [&str; 10] = [
 /// Layout version of the pinned maps: bump it whenever a key or value type
 /// above changes, so an agent never adopts maps of another layout (aya reuses
 /// a pinned map by name without comparing its definition).
-pub const PIN_LAYOUT: u32 = 3;
+pub const PIN_LAYOUT: u32 = 4;
 
 /// Read-only global (`KernelOffsets`) the agent fills from the running
 /// kernel's BTF with `EbpfLoader::override_global` before load.
@@ -198,7 +198,10 @@ pub struct IdentityConfig {
     pub net_deny_audit: u32,
     /// `HAS_*` bits: lets hooks skip map lookups for actions no policy names.
     pub flags: u32,
-    pub _pad: u32,
+    /// The policy generation that wrote this identity; copied into every
+    /// decision event, so the log names its rule with that generation's
+    /// tables (rule ids restart with every compile).
+    pub generation: u32,
     /// Bit `i` set when the identity's `i`-th policy has a `uid` selector:
     /// it applies only to tasks whose uid is in `uid_lo[i]..=uid_hi[i]`.
     pub uid_scoped: u32,
@@ -349,6 +352,10 @@ pub struct Event {
     pub depth: u32,
     /// Access requested (`ACCESS_*`).
     pub access: u32,
+    /// `IdentityConfig::generation` of the deciding identity (0 when the
+    /// workload is unrestricted).
+    pub generation: u32,
+    pub _pad: u32,
     pub action: u8,
     pub verdict: u8,
     pub backend: u8,
@@ -375,7 +382,7 @@ const _: () = assert!(size_of::<InodeKey>() == 16);
 const _: () = assert!(size_of::<InodeRule>() == 20);
 const _: () = assert!(size_of::<InodeRuleSet>() == 4 + 20 * INODE_RULES_PER_KEY);
 const _: () = assert!(size_of::<KernelOffsets>() == 80);
-const _: () = assert!(size_of::<Event>() == 112 + EVENT_NAMES * EVENT_NAME_LEN);
+const _: () = assert!(size_of::<Event>() == 120 + EVENT_NAMES * EVENT_NAME_LEN);
 
 #[cfg(feature = "user")]
 mod pod {

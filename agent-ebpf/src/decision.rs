@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::ring_buf::RingBufEntry,
 };
 use portcullis_common::{
-    COUNTER_LOST_EVENTS, Event, MODE_ENFORCE, RULE_ID_DEFAULT, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DENY,
+    COUNTER_LOST_EVENTS, Event, IdentityConfig, MODE_ENFORCE, RULE_ID_DEFAULT, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use crate::maps::{EVENTS, count};
@@ -246,6 +246,8 @@ pub unsafe fn fill_common(e: *mut Event, kind: u32, identity: u32, cgroup_id: u6
         (*e).exe_dev = 0;
         (*e).depth = 0;
         (*e).access = 0;
+        (*e).generation = 0;
+        (*e)._pad = 0;
         (*e).action = 0;
         (*e).verdict = 0;
         (*e).backend = 0;
@@ -268,9 +270,16 @@ pub unsafe fn fill_common(e: *mut Event, kind: u32, identity: u32, cgroup_id: u6
 /// # Safety
 /// `e` must point at a reserved ring buffer entry.
 #[inline(always)]
-pub unsafe fn fill_decision(e: *mut Event, action: u8, backend: u8, d: &Decision) {
+pub unsafe fn fill_decision(
+    e: *mut Event,
+    action: u8,
+    backend: u8,
+    d: &Decision,
+    cfg: &IdentityConfig,
+) {
     // SAFETY: see above.
     unsafe {
+        (*e).generation = cfg.generation;
         (*e).action = action;
         (*e).backend = backend;
         (*e).verdict = d.verdict;

@@ -315,7 +315,7 @@ pub fn report(
     // SAFETY: `e` is the reserved entry.
     unsafe {
         fill_common(e, EVENT_DECISION, req.identity, req.cgroup_id);
-        fill_decision(e, action, backend, d);
+        fill_decision(e, action, backend, d, req.cfg);
         (*e).ino = out.ino;
         (*e).dev = out.dev;
         (*e).exe_dev = req.exe.0;

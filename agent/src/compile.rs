@@ -131,6 +131,8 @@ pub struct Compiled {
     pub warnings: Vec<String>,
     /// See [`Numbering::only_from_base`].
     pub only_from_base: u32,
+    /// See [`Numbering::generation`].
+    pub generation: u32,
     /// The Unix second time-bound approvals were judged at: one lapsing at
     /// or before it is absent. The daemon's lapse timer counts from here,
     /// not from its own "now", so a lapse it woke up late for is not lost.
@@ -460,6 +462,10 @@ fn cidr_text(addr: Ipv6Addr, len: u8) -> String {
 /// once during a swap (see `maps.rs`), so their numbers must not overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Numbering {
+    /// This compile's generation number, written into every identity it
+    /// makes (see `IdentityConfig::generation`); never reused by a later
+    /// compile or agent instance.
+    pub generation: u32,
     /// First identity number to hand out.
     pub first_identity: u32,
     /// Added to a rule id to make its onlyFrom set id.
@@ -478,6 +484,7 @@ pub fn compile(
         policies,
     };
     b.out.only_from_base = numbering.only_from_base;
+    b.out.generation = numbering.generation;
     b.out.judged_at = crate::policy::unix_now();
     b.out.rules = Arc::new(vec![RuleInfo {
         policy: String::new(),
@@ -589,7 +596,10 @@ fn emit_identity(
     set: &[usize],
     identity: u32,
 ) -> Result<(), CompileError> {
-    let mut cfg = IdentityConfig::default();
+    let mut cfg = IdentityConfig {
+        generation: out.generation,
+        ..IdentityConfig::default()
+    };
     let mut net: BTreeMap<(u8, Ipv6Addr), Vec<KNetRule>> = BTreeMap::new();
     for (bit, &pi) in set.iter().enumerate() {
         let pr = &per_policy[pi];

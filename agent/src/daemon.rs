@@ -23,6 +23,7 @@ use crate::{
     cgroup,
     compile::{self, CgroupInfo, Compiled, Numbering},
     events::{self, ReaderStats, Sink},
+    generations::Generations,
     identity,
     loader::{self, LoadOptions, MapSizes},
     maps::PolicyMaps,
@@ -77,6 +78,9 @@ pub struct Config {
     pub decisions_file: Option<PathBuf>,
     /// Size-based rotation of `decisions_file`.
     pub decisions_rotation: events::Rotation,
+    /// Name tables of recent generations (see `generations`); `None` keeps
+    /// them in memory only.
+    pub generations_dir: Option<PathBuf>,
     /// Use the tracepoint backends even where BPF-LSM works.
     pub force_fallback: bool,
     /// Refuse to start when an action has no backend (else: degraded).
@@ -107,7 +111,8 @@ struct State {
     names: events::SharedNames,
     maps: PolicyMaps,
     next_identity: u32,
-    /// Counts compiles; numbers onlyFrom sets apart between generations.
+    /// The generation number of the next compile (see `generations`); also
+    /// numbers onlyFrom sets apart between generations.
     generation: u32,
     /// Replaced generations whose rules are deleted once their grace period
     /// ends (see [`RETIRE_GRACE`]).
@@ -161,6 +166,7 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
 impl State {
     fn numbering(&self) -> Numbering {
         Numbering {
+            generation: self.generation,
             first_identity: self.next_identity,
             // Rule ids stay below 2^24; each live generation gets its own
             // 2^24 block, so no two share a set id.
@@ -249,7 +255,12 @@ impl State {
             .max()
             .map_or(self.next_identity, |m| m + 1);
         self.compiled = Arc::new(compiled);
-        *self.names.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&self.compiled);
+        let store = self
+            .names
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .publish(Arc::clone(&self.compiled));
+        store.run();
         let sizes = MapSizes::default();
         for ((name, n), cap) in self.compiled.rule_counts().into_iter().zip([
             sizes.identities,
@@ -511,7 +522,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         policies: Vec::new(),
         parsed,
         compiled: Arc::new(Compiled::default()),
-        names: Arc::new(RwLock::new(Arc::new(Compiled::default()))),
+        names: Arc::new(RwLock::new(Generations::new(cfg.generations_dir.clone()))),
         maps,
         next_identity: 1,
         generation: 0,
@@ -525,6 +536,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // in force until ours replaces it like any reload; our numbers must not
     // collide with its.
     let adopted = kernel.adopted_maps.then(|| state.maps.snapshot());
+    // Generation numbers name events (see `generations`), so they are never
+    // reused: ours start above what an earlier instance stored or left in
+    // the adopted maps, and count from 1 (0 marks unrestricted workloads).
+    let stored = state
+        .names
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .stored_max();
+    let in_maps = adopted
+        .iter()
+        .flat_map(|old| old.identity_cfg.values().map(|c| c.generation))
+        .max();
+    state.generation = stored.max(in_maps).unwrap_or(0) + 1;
     if let Some(old) = &adopted {
         let ids = old.identity_cfg.keys().chain(old.cgroups.values());
         state.next_identity = ids.max().map_or(1, |m| m + 1);

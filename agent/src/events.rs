@@ -20,7 +20,12 @@ use portcullis_common::{
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use crate::{chain::Chain, compile::Compiled, loader::Backend};
+use crate::{
+    chain::Chain,
+    compile::Compiled,
+    generations::{Generations, Names},
+    loader::Backend,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -34,9 +39,9 @@ pub enum EventsError {
     },
 }
 
-/// The decision tables shared between the policy task (writer) and this
-/// one (reader); swapped whole on reload.
-pub type SharedNames = Arc<RwLock<Arc<Compiled>>>;
+/// The name tables shared between the policy task (writer) and this one
+/// (reader).
+pub type SharedNames = Arc<RwLock<Generations>>;
 
 /// One decision, as written to the log. Field names are part of the
 /// product's interface (README "Decision log").
@@ -47,6 +52,9 @@ pub struct Decision {
     pub verdict: &'static str,
     pub policy: String,
     pub rule: String,
+    /// The policy generation that decided (`policy` and `rule` are its
+    /// names).
+    pub generation: u32,
     pub workload: Workload,
     pub pid: u32,
     pub tid: u32,
@@ -285,7 +293,7 @@ fn access_name(access: u32) -> &'static str {
 /// The path of the target: the inode's own path if a policy named it,
 /// otherwise the deciding directory's path plus the dentry names the kernel
 /// collected on its way up.
-fn target_path(ev: &Event, names: &Compiled) -> String {
+fn target_path(ev: &Event, names: &Names) -> String {
     if let Some(p) = names.inode_paths.get(&(ev.dev, ev.ino)) {
         return p.display().to_string();
     }
@@ -322,24 +330,40 @@ fn target_path(ev: &Event, names: &Compiled) -> String {
 }
 
 /// Builds the log record for a decision event.
-pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
+///
+/// `names` are the tables of the generation that decided (`ev.generation`),
+/// `None` when this agent does not know it: the line then names no policy
+/// rather than another generation's. `workloads` (the generation in force)
+/// names the cgroup and pod.
+pub fn decode(
+    ev: &Event,
+    names: Option<&Names>,
+    workloads: &Compiled,
+    boot_epoch_ns: i128,
+) -> Decision {
+    static NO_NAMES: std::sync::LazyLock<Names> = std::sync::LazyLock::new(Names::default);
     // The kernel's own fail-closed denies belong to no policy.
-    let fail_closed = match ev.rule_id {
+    let unnamed = match ev.rule_id {
         RULE_ID_TOO_DEEP => Some(format!(
             "fail-closed: more than {MAX_PATH_DEPTH} levels below the filesystem root"
         )),
         RULE_ID_RACED => Some("fail-closed: the walk state was taken by another task".into()),
+        _ if names.is_none() => Some(format!(
+            "unknown: generation {} is not known to this agent",
+            ev.generation
+        )),
         _ => None,
     };
+    let names = names.unwrap_or(&NO_NAMES);
     let policy = names
         .identity_policies
         .get(&ev.identity)
-        .filter(|_| fail_closed.is_none())
+        .filter(|_| unnamed.is_none())
         .and_then(|set| set.get(usize::from(ev.policy_bit)))
         .and_then(|&i| names.policies.get(i))
         .cloned()
         .unwrap_or_default();
-    let rule = if let Some(why) = fail_closed {
+    let rule = if let Some(why) = unnamed {
         why
     } else if ev.rule_id == RULE_ID_DEFAULT {
         "default".to_owned()
@@ -350,7 +374,7 @@ pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
             .map(|r| r.rule.clone())
             .unwrap_or_default()
     };
-    let cgroup = names
+    let cgroup = workloads
         .cgroup_paths
         .get(&ev.cgroup_id)
         .cloned()
@@ -396,13 +420,14 @@ pub fn decode(ev: &Event, names: &Compiled, boot_epoch_ns: i128) -> Decision {
         verdict: verdict_name(ev.verdict),
         policy,
         rule,
+        generation: ev.generation,
         workload: Workload {
             unit: crate::cgroup::systemd_unit(&cgroup).map(str::to_owned),
             cgroup,
             cgroup_id: ev.cgroup_id,
             uid: ev.uid,
             identity: ev.identity,
-            pod: names.cgroup_pods.get(&ev.cgroup_id).map(|m| PodRef {
+            pod: workloads.cgroup_pods.get(&ev.cgroup_id).map(|m| PodRef {
                 namespace: m.namespace.clone(),
                 name: m.name.clone(),
                 uid: m.uid.clone(),
@@ -442,6 +467,8 @@ pub async fn run(
 ) -> Result<(), EventsError> {
     use std::sync::atomic::Ordering::Relaxed;
     let epoch = boot_epoch_ns();
+    // Earlier instances' generations, read from disk once each.
+    let mut stored = std::collections::BTreeMap::new();
     // SAFETY: the RingBuf owns its map fd and the mmap; both live exactly as
     // long as the AsyncFd that owns the RingBuf, and the fd never changes.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -449,7 +476,7 @@ pub async fn run(
     loop {
         let mut guard = fd.readable_mut().await.map_err(EventsError::Watch)?;
         let ring = guard.get_inner_mut();
-        let snapshot = names.read().map(|n| Arc::clone(&n)).unwrap_or_default();
+        let snapshot = names.read().map(|n| n.clone()).unwrap_or_default();
         let mut batch = 0;
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<Event>() {
@@ -461,8 +488,15 @@ pub async fn run(
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             match ev.kind {
                 EVENT_DECISION => {
-                    let line =
-                        serde_json::to_string(&decode(&ev, &snapshot, epoch)).unwrap_or_default();
+                    // Generations count from 1; 0 is a workload no policy
+                    // selects, which the tables in force describe.
+                    let generation = match ev.generation {
+                        0 => snapshot.current.generation,
+                        g => g,
+                    };
+                    let gen_names = snapshot.names(generation, &mut stored);
+                    let record = decode(&ev, gen_names.as_deref(), &snapshot.current, epoch);
+                    let line = serde_json::to_string(&record).unwrap_or_default();
                     match sink.write_line(&line) {
                         Ok(()) => stats.logged.fetch_add(1, Relaxed),
                         Err(e) => {

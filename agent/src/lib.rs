@@ -7,6 +7,7 @@ pub mod chain;
 pub mod compile;
 pub mod daemon;
 pub mod events;
+pub mod generations;
 pub mod identity;
 pub mod loader;
 pub mod maps;

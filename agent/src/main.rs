@@ -41,6 +41,12 @@ enum Command {
         /// Rotated decision files to keep (FILE.1 .. FILE.N).
         #[arg(long, default_value_t = 5)]
         decisions_keep: u32,
+        /// Where the name tables of recent policy generations are kept, so
+        /// events an earlier instance left in the pinned ring buffer are
+        /// named by the generation that decided them. Default: beside the
+        /// decisions file (`FILE.generations`); none when logging to stdout.
+        #[arg(long)]
+        generations_dir: Option<PathBuf>,
         /// Use the tracepoint backends even where BPF-LSM is available.
         #[arg(long)]
         force_fallback: bool,
@@ -166,6 +172,7 @@ fn main() -> ExitCode {
             decisions_file,
             decisions_max_bytes,
             decisions_keep,
+            generations_dir,
             force_fallback,
             require_hooks,
             test_refuse_program,
@@ -179,6 +186,13 @@ fn main() -> ExitCode {
             kubelet_root,
         } => {
             init_logging(cli.log_format);
+            let generations_dir = generations_dir.or_else(|| {
+                decisions_file.as_ref().map(|f| {
+                    let mut dir = f.clone().into_os_string();
+                    dir.push(".generations");
+                    PathBuf::from(dir)
+                })
+            });
             let cfg = daemon::Config {
                 policy_paths: policies,
                 metrics_addr,
@@ -187,6 +201,7 @@ fn main() -> ExitCode {
                     max_bytes: decisions_max_bytes,
                     keep: decisions_keep,
                 },
+                generations_dir,
                 force_fallback,
                 require_hooks,
                 refuse_programs: test_refuse_program,

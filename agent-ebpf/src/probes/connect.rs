@@ -196,7 +196,7 @@ fn report(
     // SAFETY: `e` is the reserved entry.
     unsafe {
         fill_common(e, EVENT_DECISION, id, cgid);
-        fill_decision(e, ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, d);
+        fill_decision(e, ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, d, cfg);
         (*e).addr = *addr;
         (*e).port = port;
         (*e).proto = proto;

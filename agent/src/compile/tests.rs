@@ -11,6 +11,7 @@ use super::*;
 use crate::policy::{EgressRules, ExecRules, FileRule, Selector};
 
 const N: Numbering = Numbering {
+    generation: 5,
     first_identity: 10,
     only_from_base: 1 << 30,
 };
