@@ -26,7 +26,7 @@ use crate::{
     generations::Generations,
     identity,
     loader::{self, LoadOptions, MapSizes},
-    maps::PolicyMaps,
+    maps::{MapsError, PolicyMaps},
     metrics::{self, KernelCounters, Metrics},
     pin, pod,
     policy::{self, Policy},
@@ -78,6 +78,8 @@ pub struct Config {
     pub decisions_file: Option<PathBuf>,
     /// Size-based rotation of `decisions_file`.
     pub decisions_rotation: events::Rotation,
+    /// Capacities of the kernel maps.
+    pub map_sizes: MapSizes,
     /// Name tables of recent generations (see `generations`); `None` keeps
     /// them in memory only.
     pub generations_dir: Option<PathBuf>,
@@ -122,6 +124,8 @@ struct State {
     paths: Vec<PathBuf>,
     /// Pod metadata for cgroups in pods (CRI).
     pods: pod::Resolver,
+    /// What the kernel maps hold at most.
+    map_sizes: MapSizes,
 }
 
 fn log_policy_errors(errors: &[policy::PolicyError]) {
@@ -194,14 +198,7 @@ impl State {
         if self.retiring.is_empty() {
             return;
         }
-        let sizes = MapSizes::default();
-        let caps = [
-            sizes.identities,
-            sizes.net_rules,
-            sizes.exec_rules,
-            sizes.file_rules,
-            sizes.only_from,
-        ];
+        let caps = self.map_sizes.policy_caps();
         let count = |c: &Compiled| c.rule_counts().map(|(_, n)| n);
         let mut need = count(new);
         for c in std::iter::once(&*self.compiled).chain(self.retiring.iter().map(|(_, c)| &**c)) {
@@ -261,14 +258,12 @@ impl State {
             .unwrap_or_else(|e| e.into_inner())
             .publish(Arc::clone(&self.compiled));
         store.run();
-        let sizes = MapSizes::default();
-        for ((name, n), cap) in self.compiled.rule_counts().into_iter().zip([
-            sizes.identities,
-            sizes.net_rules,
-            sizes.exec_rules,
-            sizes.file_rules,
-            sizes.only_from,
-        ]) {
+        for ((name, n), cap) in self
+            .compiled
+            .rule_counts()
+            .into_iter()
+            .zip(self.map_sizes.policy_caps())
+        {
             self.metrics.set_map(name, n, cap);
         }
         self.metrics.policies.set(self.policies.len() as i64);
@@ -310,8 +305,20 @@ impl State {
             .and_then(|new| {
                 compile_ms = lap();
                 self.make_room(&new);
-                self.maps.apply(Some(&self.compiled), &new)?;
-                Ok(new)
+                match self.maps.apply(Some(&self.compiled), &new) {
+                    Ok(()) => Ok(new),
+                    Err(e @ MapsError::Flip { .. }) => {
+                        // Undone, but its rules are in the maps and a hook
+                        // may hold one of its identities: retire it after
+                        // the grace period, and never hand out its numbers.
+                        self.next_identity = self
+                            .next_identity
+                            .max(new.identity_cfg.keys().max().map_or(0, |m| m + 1));
+                        self.schedule_retire(Arc::new(new));
+                        Err(e.into())
+                    }
+                    Err(e) => Err(e.into()),
+                }
             });
         let write_ms = lap();
         if result.is_ok() {
@@ -488,7 +495,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         cgroup_root: root.clone(),
         btf_path: "/sys/kernel/btf/vmlinux".into(),
         force_fallback: cfg.force_fallback,
-        map_sizes: MapSizes::default(),
+        map_sizes: cfg.map_sizes,
         pin_dir: cfg.pin_dir.clone(),
         require_hooks: cfg.require_hooks,
         refuse_programs: cfg.refuse_programs.clone(),
@@ -531,6 +538,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         fingerprint: Vec::new(),
         paths: cfg.policy_paths.clone(),
         pods: pod::Resolver::new(cfg.pods.clone()),
+        map_sizes: cfg.map_sizes,
     };
     // Pinned maps of an earlier instance still hold its policy, which stays
     // in force until ours replaces it like any reload; our numbers must not

@@ -172,6 +172,48 @@ impl Default for MapSizes {
     }
 }
 
+impl MapSizes {
+    /// The policy maps' capacities, in `Compiled::rule_counts` order (the
+    /// `map` label of the metrics).
+    pub fn policy_caps(&self) -> [u32; 5] {
+        [
+            self.identities,
+            self.net_rules,
+            self.exec_rules,
+            self.file_rules,
+            self.only_from,
+        ]
+    }
+
+    /// Sets one policy map's capacity from `MAP=N`, `MAP` as the metrics
+    /// name it (`identities`, `net_rules`, `exec_rules`, `file_rules`,
+    /// `only_from`).
+    pub fn set(&mut self, spec: &str) -> Result<(), String> {
+        let (map, n) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("{spec:?}: expected MAP=N"))?;
+        let n: u32 = n
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{spec:?}: N must be a positive number"))?;
+        let slot = match map {
+            "identities" => &mut self.identities,
+            "net_rules" => &mut self.net_rules,
+            "exec_rules" => &mut self.exec_rules,
+            "file_rules" => &mut self.file_rules,
+            "only_from" => &mut self.only_from,
+            _ => {
+                return Err(format!(
+                    "{map:?}: not a policy map (identities, net_rules, exec_rules, file_rules, only_from)"
+                ));
+            }
+        };
+        *slot = n;
+        Ok(())
+    }
+}
+
 /// How a hook is enforced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

@@ -47,6 +47,10 @@ enum Command {
         /// decisions file (`FILE.generations`); none when logging to stdout.
         #[arg(long)]
         generations_dir: Option<PathBuf>,
+        /// Capacity of one policy map, `MAP=N` (repeatable; MAP as in the
+        /// `portcullis_map_capacity` metric, e.g. `identities=131072`).
+        #[arg(long = "map-capacity", value_name = "MAP=N")]
+        map_capacity: Vec<String>,
         /// Use the tracepoint backends even where BPF-LSM is available.
         #[arg(long)]
         force_fallback: bool,
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
             decisions_max_bytes,
             decisions_keep,
             generations_dir,
+            map_capacity,
             force_fallback,
             require_hooks,
             test_refuse_program,
@@ -193,6 +198,13 @@ fn main() -> ExitCode {
                     PathBuf::from(dir)
                 })
             });
+            let mut map_sizes = portcullis::loader::MapSizes::default();
+            for spec in &map_capacity {
+                if let Err(e) = map_sizes.set(spec) {
+                    eprintln!("portcullis run: --map-capacity {e}");
+                    return ExitCode::from(2);
+                }
+            }
             let cfg = daemon::Config {
                 policy_paths: policies,
                 metrics_addr,
@@ -202,6 +214,7 @@ fn main() -> ExitCode {
                     keep: decisions_keep,
                 },
                 generations_dir,
+                map_sizes,
                 force_fallback,
                 require_hooks,
                 refuse_programs: test_refuse_program,

@@ -8,7 +8,11 @@
 //! hook that read a cgroup's old identity just before the flip may still be
 //! about to look up that identity's rules. If a write fails before the flip
 //! (a map is full), the new entries are removed again and the old generation
-//! stays in force untouched.
+//! stays in force untouched. If the flip itself fails half-way (`IDENTITIES`
+//! is full of cgroups), the cgroups flipped so far are pointed back at their
+//! old identities and the new generation is retired like a replaced one
+//! ([`MapsError::Flip`]): every cgroup ends on the old generation, never some
+//! on each.
 
 use std::{collections::BTreeSet, hash::Hash, sync::Arc};
 
@@ -30,6 +34,21 @@ pub enum MapsError {
     #[error("map {name}")]
     Map {
         name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// The flip failed after `flipped` cgroups; they were pointed back at
+    /// their old identities, so the old generation is whole again. The new
+    /// generation's rules are still in the maps: retire them like a replaced
+    /// generation (after the grace period, since a hook may have read a new
+    /// identity before the undo).
+    #[error(
+        "map {MAP_IDENTITIES} refused cgroup {cgroup} ({flipped} of {total} cgroups flipped, then undone)"
+    )]
+    Flip {
+        cgroup: u64,
+        flipped: usize,
+        total: usize,
         #[source]
         source: MapError,
     },
@@ -106,11 +125,30 @@ impl PolicyMaps {
             self.rollback(&undo);
             return Err(e);
         }
-        // The flip: one update per cgroup.
+        // The flip: one update per cgroup. An update of a key already there
+        // never fails for room (the kernel keeps spare elements for that), so
+        // undoing the cgroups flipped so far cannot fail for a full map.
+        let mut flipped = Vec::new();
         for (&cg, &id) in &new.cgroups {
-            self.identities
-                .insert(cg, id, 0)
-                .map_err(err(MAP_IDENTITIES))?;
+            if let Err(source) = self.identities.insert(cg, id, 0) {
+                for cg in &flipped {
+                    match old.cgroups.get(cg) {
+                        Some(id) => {
+                            let _ = self.identities.insert(*cg, *id, 0);
+                        }
+                        None => {
+                            let _ = self.identities.remove(cg);
+                        }
+                    }
+                }
+                return Err(MapsError::Flip {
+                    cgroup: cg,
+                    flipped: flipped.len(),
+                    total: new.cgroups.len(),
+                    source,
+                });
+            }
+            flipped.push(cg);
         }
         for cg in old
             .cgroups
