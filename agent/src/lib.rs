@@ -8,6 +8,7 @@ pub mod compile;
 pub mod daemon;
 pub mod events;
 pub mod generations;
+pub mod http_server;
 pub mod identity;
 pub mod loader;
 pub mod maps;

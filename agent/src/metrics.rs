@@ -29,10 +29,9 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-};
+use tokio::net::TcpListener;
+
+use crate::http_server::Reply;
 
 use crate::{events::ReaderStats, loader::Backends, slots::PolicySlots};
 
@@ -277,18 +276,15 @@ impl Metrics {
     /// `/readyz`: status line and body. Degraded (an action unenforced) is
     /// 503 too, so a DaemonSet pod shows as not ready, with the body naming
     /// what is missing; it is said only once the policy is in force.
-    fn readiness(&self) -> (&'static str, String) {
+    fn readiness(&self) -> (u16, String) {
         if !self.ready.load(Relaxed) {
-            return ("503 Service Unavailable", "not ready\n".into());
+            return (503, "not ready\n".into());
         }
         let degraded = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
         if degraded.is_empty() {
-            ("200 OK", "ready\n".into())
+            (200, "ready\n".into())
         } else {
-            (
-                "503 Service Unavailable",
-                format!("degraded: {}\n", degraded.join("; ")),
-            )
+            (503, format!("degraded: {}\n", degraded.join("; ")))
         }
     }
 
@@ -413,46 +409,32 @@ impl Metrics {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            // Read the request head (bounded; bodies are ignored).
-            while len < buf.len() {
-                match conn.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
+    crate::http_server::serve(listener, move |path| match path {
+        "/metrics" => Reply {
+            status: 200,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body: metrics.render(),
+        },
+        "/healthz" => Reply {
+            status: 200,
+            content_type: "text/plain",
+            body: "ok\n".into(),
+        },
+        "/readyz" => {
+            let (status, body) = metrics.readiness();
+            Reply {
+                status,
+                content_type: "text/plain",
+                body,
             }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, ctype, body) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics.render(),
-                ),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                "/readyz" => {
-                    let (status, body) = metrics.readiness();
-                    (status, "text/plain", body)
-                }
-                _ => ("404 Not Found", "text/plain", "not found\n".into()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-        });
-    }
+        }
+        _ => Reply {
+            status: 404,
+            content_type: "text/plain",
+            body: "not found\n".into(),
+        },
+    })
+    .await;
 }
 
 /// Binds the endpoint (before any task starts, so a bad address fails start).

@@ -325,9 +325,14 @@ impl Agent {
         agent
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Sends `sig` to the agent (SIGSTOP to take user space out of a test).
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(self.pid());
         nix::sys::signal::kill(pid, sig).expect("signalling the agent");
     }
 
