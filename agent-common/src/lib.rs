@@ -7,6 +7,9 @@
 
 use core::mem::size_of;
 
+mod device;
+pub use device::*;
+
 // ---------------------------------------------------------------------------
 // Map names (the names the eBPF object exports; userspace looks them up).
 // ---------------------------------------------------------------------------
@@ -44,9 +47,10 @@ pub const MAP_POLICY_DECISIONS: &str = "POLICY_DECISIONS";
 
 /// Maps the agent pins under `<pin dir>/maps-v<PIN_LAYOUT>/` so a restarted
 /// agent adopts the policy in force instead of starting from empty maps.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_IDENTITIES,
     MAP_IDENTITY_CFG,
+    MAP_DEVICE_RULES,
     MAP_NET_RULES,
     MAP_EXEC_RULES,
     MAP_FILE_RULES,
@@ -59,7 +63,7 @@ pub const PINNED_MAPS: [&str; 10] = [
 /// Layout version of the pinned maps: bump it whenever a key or value type
 /// above changes, so an agent never adopts maps of another layout (aya reuses
 /// a pinned map by name without comparing its definition).
-pub const PIN_LAYOUT: u32 = 4;
+pub const PIN_LAYOUT: u32 = 5;
 
 /// Read-only global (`KernelOffsets`) the agent fills from the running
 /// kernel's BTF with `EbpfLoader::override_global` before load.
@@ -104,7 +108,8 @@ pub const MAX_POLICIES_PER_IDENTITY: u32 = 32;
 pub const ACTION_EXEC: u8 = 0;
 pub const ACTION_CONNECT: u8 = 1;
 pub const ACTION_OPEN: u8 = 2;
-pub const ACTIONS: u32 = 3;
+// ACTION_DEVICE (3) is in `device`.
+pub const ACTIONS: u32 = 4;
 
 pub const VERDICT_ALLOW: u8 = 0;
 /// Would have been denied, but only audit-mode policies said so.
@@ -166,6 +171,7 @@ pub const COUNTER_ERR_OPEN: u32 = 3;
 /// Lookups that found no classified cgroup on the way to the root.
 pub const COUNTER_UNCLASSIFIED: u32 = 4;
 pub const COUNTER_MKDIR_LOST: u32 = 5;
+pub const COUNTER_ERR_DEVICE: u32 = 6;
 pub const COUNTERS: u32 = 8;
 
 pub const NET_RULES_PER_PREFIX: usize = 16;
@@ -205,6 +211,9 @@ pub struct IdentityConfig {
     /// Bit `i` set when the identity's `i`-th policy has a `uid` selector:
     /// it applies only to tasks whose uid is in `uid_lo[i]..=uid_hi[i]`.
     pub uid_scoped: u32,
+    /// Like `exec_deny_*`, for device rules.
+    pub dev_deny_enforce: u32,
+    pub dev_deny_audit: u32,
     pub _pad2: u32,
     pub uid_lo: [u32; MAX_POLICIES_PER_IDENTITY as usize],
     pub uid_hi: [u32; MAX_POLICIES_PER_IDENTITY as usize],
@@ -375,7 +384,7 @@ pub struct Event {
     pub names: [[u8; EVENT_NAME_LEN]; EVENT_NAMES],
 }
 
-const _: () = assert!(size_of::<IdentityConfig>() == 32 + 9 * MAX_POLICIES_PER_IDENTITY as usize);
+const _: () = assert!(size_of::<IdentityConfig>() == 40 + 9 * MAX_POLICIES_PER_IDENTITY as usize);
 const _: () = assert!(size_of::<NetRule>() == 16);
 const _: () = assert!(size_of::<NetRuleSet>() == 8 + 16 * NET_RULES_PER_PREFIX);
 const _: () = assert!(size_of::<InodeKey>() == 16);

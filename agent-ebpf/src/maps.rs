@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use portcullis_common::{
-    COUNTERS as COUNTER_SLOTS, DECISION_SLOTS, IdentityConfig, InodeKey, InodeRuleSet,
-    NET_KEY_DATA_LEN, NetRuleSet, POLICY_DECISION_SLOTS, VERDICT_ALLOW, decision_index,
-    policy_decision_index,
+    COUNTERS as COUNTER_SLOTS, DECISION_SLOTS, DeviceKey, DeviceRuleSet, IdentityConfig, InodeKey,
+    InodeRuleSet, NET_KEY_DATA_LEN, NetRuleSet, POLICY_DECISION_SLOTS, VERDICT_ALLOW,
+    decision_index, policy_decision_index,
 };
 
 /// cgroup v2 id (inode of the cgroup directory) → workload identity.
@@ -39,6 +39,10 @@ pub static FILE_RULES: HashMap<InodeKey, InodeRuleSet> = HashMap::with_max_entri
 /// executable belongs to the set.
 #[map]
 pub static ONLY_FROM: HashMap<InodeKey, u32> = HashMap::with_max_entries(1, 0);
+
+/// (identity, type, major, minor or any) → device rules.
+#[map]
+pub static DEVICE_RULES: HashMap<DeviceKey, DeviceRuleSet> = HashMap::with_max_entries(1, 0);
 
 /// `Event` records: deny/audit decisions (and logged allows), cgroup mkdirs.
 /// The agent sets the byte size at load time (`MapSizes::events_bytes`).

@@ -25,14 +25,15 @@ use std::{
 };
 
 use portcullis_common::{
-    ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED,
-    INODE_RULES_PER_KEY, IdentityConfig, InodeKey, InodeRule, InodeRuleSet,
-    MAX_POLICIES_PER_IDENTITY, MODE_AUDIT, MODE_ENFORCE, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX,
-    NetRule as KNetRule, NetRuleSet, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW,
-    VERDICT_DENY,
+    ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, DEVICE_RULES_PER_KEY, DeviceKey, DeviceRule,
+    DeviceRuleSet, HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED, INODE_RULES_PER_KEY,
+    IdentityConfig, InodeKey, InodeRule, InodeRuleSet, MAX_POLICIES_PER_IDENTITY, MODE_AUDIT,
+    MODE_ENFORCE, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRule as KNetRule, NetRuleSet,
+    RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
+    node_devices::{DevNum, NodeDevices},
     pod::{Lookup, PodMetadata},
     policy::{DefaultAction, FileAccess, Mode, NetRule, PathRule, Policy, glob::glob_match},
 };
@@ -55,6 +56,10 @@ pub enum CompileError {
         "more than {NET_RULES_PER_PREFIX} port rules apply to {cidr} for the workloads of {policies}; merge them"
     )]
     TooManyNetRules { cidr: String, policies: String },
+    #[error(
+        "more than {DEVICE_RULES_PER_KEY} rules name device {device} for the workloads of {policies}; merge them"
+    )]
+    TooManyDeviceRules { device: String, policies: String },
     #[error("too many identities")]
     IdentitySpace,
     #[error("the policies changed since the generation in force was compiled")]
@@ -116,6 +121,10 @@ pub struct Compiled {
     pub exec: Arc<BTreeMap<InodeKey, InodeRuleSet>>,
     pub files: Arc<BTreeMap<InodeKey, InodeRuleSet>>,
     pub only_from: Arc<BTreeSet<InodeKey>>,
+    pub devices: Arc<BTreeMap<DeviceKey, DeviceRuleSet>>,
+    /// The node's device classes the device rules were resolved with (also
+    /// what names a device in the decision log).
+    pub node: Arc<NodeDevices>,
     /// `rules[rule_id]`; index 0 is `RULE_ID_DEFAULT`.
     pub rules: Arc<Vec<RuleInfo>>,
     /// Policy names, by index.
@@ -141,13 +150,14 @@ pub struct Compiled {
 
 impl Compiled {
     /// Number of entries per kernel map, for metrics and logs.
-    pub fn rule_counts(&self) -> [(&'static str, usize); 5] {
+    pub fn rule_counts(&self) -> [(&'static str, usize); 6] {
         [
             ("identities", self.cgroups.len()),
             ("net_rules", self.net.len()),
             ("exec_rules", self.exec.len()),
             ("file_rules", self.files.len()),
             ("only_from", self.only_from.len()),
+            ("device_rules", self.devices.len()),
         ]
     }
 }
@@ -293,12 +303,15 @@ pub(crate) struct PolicyRules {
     )>,
     files: Vec<(ResolvedPath, u32, Vec<ResolvedPath>, u32)>,
     net: Vec<(Ipv6Addr, u8, KNetRule)>,
+    /// Resolved device numbers and their rule (policy bit unset).
+    devices: Vec<(DevNum, DeviceRule)>,
     cfg: IdentityConfig,
 }
 
 struct Builder<'a> {
     out: Compiled,
     policies: &'a [Policy],
+    node: &'a NodeDevices,
 }
 
 impl Builder<'_> {
@@ -340,6 +353,7 @@ impl Builder<'_> {
             mode,
             exec: vec![],
             files: vec![],
+            devices: vec![],
             net: vec![],
             cfg: IdentityConfig::default(),
         };
@@ -402,11 +416,14 @@ impl Builder<'_> {
                 pr.files.push((resolved, mask, only.clone(), id));
             }
         }
+        self.device_rules(policy, &mut pr);
         if policy.mode == Mode::Audit {
             pr.cfg.exec_deny_audit = pr.cfg.exec_deny_enforce;
             pr.cfg.net_deny_audit = pr.cfg.net_deny_enforce;
+            pr.cfg.dev_deny_audit = pr.cfg.dev_deny_enforce;
             pr.cfg.exec_deny_enforce = 0;
             pr.cfg.net_deny_enforce = 0;
+            pr.cfg.dev_deny_enforce = 0;
         }
         pr
     }
@@ -472,16 +489,32 @@ pub struct Numbering {
     pub only_from_base: u32,
 }
 
-/// Compiles `policies` for the cgroups in `cgroups`.
+/// Compiles `policies` for the cgroups in `cgroups`, on a node without
+/// device drivers (see [`compile_on`]).
 pub fn compile(
     policies: &[Policy],
     cgroups: &[CgroupInfo],
     numbering: Numbering,
 ) -> Result<Compiled, CompileError> {
+    compile_on(policies, cgroups, numbering, Arc::default())
+}
+
+/// Compiles `policies` for the cgroups in `cgroups`, with device kinds
+/// resolved against `node`.
+pub fn compile_on(
+    policies: &[Policy],
+    cgroups: &[CgroupInfo],
+    numbering: Numbering,
+    node: Arc<NodeDevices>,
+) -> Result<Compiled, CompileError> {
     let first_identity = numbering.first_identity;
     let mut b = Builder {
-        out: Compiled::default(),
+        out: Compiled {
+            node: Arc::clone(&node),
+            ..Compiled::default()
+        },
         policies,
+        node: &node,
     };
     b.out.only_from_base = numbering.only_from_base;
     b.out.generation = numbering.generation;
@@ -608,6 +641,8 @@ fn emit_identity(
         cfg.exec_deny_audit |= shift(pr.cfg.exec_deny_audit);
         cfg.net_deny_enforce |= shift(pr.cfg.net_deny_enforce);
         cfg.net_deny_audit |= shift(pr.cfg.net_deny_audit);
+        cfg.dev_deny_enforce |= shift(pr.cfg.dev_deny_enforce);
+        cfg.dev_deny_audit |= shift(pr.cfg.dev_deny_audit);
         cfg.flags |= pr.cfg.flags;
         if let Some((lo, hi)) = policies[pi].selector.uid {
             cfg.uid_scoped |= 1 << bit;
@@ -667,6 +702,7 @@ fn emit_identity(
                 set,
             )?;
         }
+        devices::emit(out, pr, bit, identity, policies, set)?;
         for (addr, len, r) in &pr.net {
             net.entry((*len, network(*addr, *len)))
                 .or_default()
@@ -737,5 +773,6 @@ pub fn net_key(identity: u32, addr: Ipv6Addr, len: u8) -> (u32, [u8; NET_KEY_DAT
     (32 + u32::from(len), data)
 }
 
+mod devices;
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,7 @@ use crate::{
     loader::{self, LoadOptions, MapSizes},
     maps::{MapsError, PolicyMaps},
     metrics::{self, KernelCounters, Metrics},
+    node_devices::NodeDevices,
     pin, pod,
     policy::{self, Policy},
 };
@@ -80,6 +81,9 @@ pub struct Config {
     pub decisions_rotation: events::Rotation,
     /// Capacities of the kernel maps.
     pub map_sizes: MapSizes,
+    /// procfs to read the node's device classes from (`/proc`; the tests
+    /// point it at a stand-in for a GPU node).
+    pub host_proc: PathBuf,
     /// Name tables of recent generations (see `generations`); `None` keeps
     /// them in memory only.
     pub generations_dir: Option<PathBuf>,
@@ -126,6 +130,8 @@ struct State {
     pods: pod::Resolver,
     /// What the kernel maps hold at most.
     map_sizes: MapSizes,
+    /// Where device classes are read from (see `node_devices`).
+    host_proc: PathBuf,
 }
 
 fn log_policy_errors(errors: &[policy::PolicyError]) {
@@ -267,6 +273,7 @@ impl State {
             self.metrics.set_map(name, n, cap);
         }
         self.metrics.policies.set(self.policies.len() as i64);
+        self.metrics.gpus.set(self.compiled.node.gpus.len() as i64);
     }
 
     /// Loads, compiles and swaps in the policy files; on any error the
@@ -299,7 +306,8 @@ impl State {
         self.pods.annotate_blocking(&mut cgroups);
         self.generation += 1;
         let mut compile_ms = 0;
-        let result = compile::compile(&policies, &cgroups, self.numbering())
+        let node = Arc::new(NodeDevices::discover(&self.host_proc));
+        let result = compile::compile_on(&policies, &cgroups, self.numbering(), node)
             .map(|c| self.metrics.with_policy_slots(c))
             .map_err(DaemonError::from)
             .and_then(|new| {
@@ -539,6 +547,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         paths: cfg.policy_paths.clone(),
         pods: pod::Resolver::new(cfg.pods.clone()),
         map_sizes: cfg.map_sizes,
+        host_proc: cfg.host_proc.clone(),
     };
     // Pinned maps of an earlier instance still hold its policy, which stays
     // in force until ours replaces it like any reload; our numbers must not
@@ -576,8 +585,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // The first load must succeed: there is nothing in force to fall back to.
     let mut cgroups = identity::scan(&root);
     state.pods.annotate_blocking(&mut cgroups);
-    let first =
-        metrics.with_policy_slots(compile::compile(&policies, &cgroups, state.numbering())?);
+    let first = metrics.with_policy_slots(compile::compile_on(
+        &policies,
+        &cgroups,
+        state.numbering(),
+        Arc::new(NodeDevices::discover(&cfg.host_proc)),
+    )?);
     state.maps.apply(adopted.as_ref(), &first)?;
     if let Some(old) = adopted {
         state.schedule_retire(Arc::new(old));

@@ -13,9 +13,9 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
-    ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_EXEC, ACTION_OPEN,
-    EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event, MAX_PATH_DEPTH, RULE_ID_DEFAULT,
-    RULE_ID_RACED, RULE_ID_TOO_DEEP, VERDICT_ALLOW, VERDICT_AUDIT,
+    ACCESS_EXEC, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_DEVICE,
+    ACTION_EXEC, ACTION_OPEN, DEVICE_BLOCK, EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event,
+    MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_RACED, RULE_ID_TOO_DEEP, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -103,6 +103,19 @@ pub enum Target {
         access: &'static str,
         dev: u32,
         ino: u64,
+    },
+    Device {
+        /// `c MAJOR:MINOR` or `b MAJOR:MINOR`.
+        device: String,
+        /// `nvidia-gpu`, `nvidiactl`, `nvidia-uvm`, ... (`char` or `block`
+        /// when the agent knows no class for the number).
+        class: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpu_index: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpu_uuid: Option<String>,
+        /// `read`, `write`, `read_write` or `mknod`.
+        access: &'static str,
     },
 }
 
@@ -265,6 +278,7 @@ fn action_name(action: u8) -> &'static str {
         ACTION_EXEC => "exec",
         ACTION_CONNECT => "connect",
         ACTION_OPEN => "open",
+        ACTION_DEVICE => "device",
         _ => "unknown",
     }
 }
@@ -278,6 +292,9 @@ fn verdict_name(verdict: u8) -> &'static str {
 }
 
 fn access_name(access: u32) -> &'static str {
+    if access & ACCESS_MKNOD != 0 {
+        return "mknod";
+    }
     match (
         access & ACCESS_READ != 0,
         access & ACCESS_WRITE != 0,
@@ -394,6 +411,17 @@ pub fn decode(
             ip: ip.to_string(),
             port: ev.port,
             protocol,
+        }
+    } else if ev.action == ACTION_DEVICE {
+        let block = u32::from(ev.proto) == DEVICE_BLOCK;
+        let (major, minor) = (ev.dev >> 20, ev.dev & 0xfffff);
+        let class = workloads.node.describe(block, major, minor);
+        Target::Device {
+            device: format!("{} {major}:{minor}", if block { "b" } else { "c" }),
+            class: class.class,
+            gpu_index: class.gpu.as_ref().map(|g| g.index),
+            gpu_uuid: class.gpu.and_then(|g| g.uuid),
+            access: access_name(ev.access),
         }
     } else {
         Target::Path {

@@ -1,6 +1,7 @@
 //! Portcullis agent library: everything `main.rs` wires together, exposed so
 //! integration tests and benchmarks can drive the same code.
 
+pub mod bpf_sys;
 pub mod btf;
 pub mod cgroup;
 pub mod chain;
@@ -14,6 +15,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod mounts;
+pub mod node_devices;
 pub mod pin;
 pub mod pod;
 pub mod policy;

@@ -9,21 +9,23 @@
 
 use std::{
     fs::File,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError,
+        BtfTracePoint, CgroupAttachMode, CgroupDevice, CgroupSockAddr, Lsm, ProgramError,
         links::{FdLink, PinnedLink},
     },
 };
 use portcullis_common::{
-    BACKEND_CGROUP_SOCK_ADDR, BACKEND_LSM, BACKEND_NONE, BACKEND_TRACEPOINT_KILL, GLOBAL_OFFSETS,
-    MAP_EVENTS, MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES,
-    MAP_ONLY_FROM, PINNED_MAPS, PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_EXEC_LSM,
-    PROG_EXEC_TP, PROG_OPEN_LSM, PROG_OPEN_TP, PROG_SENDMSG4, PROG_SENDMSG6,
+    BACKEND_CGROUP_DEVICE, BACKEND_CGROUP_SOCK_ADDR, BACKEND_LSM, BACKEND_NONE,
+    BACKEND_TRACEPOINT_KILL, GLOBAL_OFFSETS, MAP_DEVICE_RULES, MAP_EVENTS, MAP_EXEC_RULES,
+    MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, PINNED_MAPS,
+    PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_LSM, PROG_EXEC_TP,
+    PROG_OPEN_LSM, PROG_OPEN_TP, PROG_SENDMSG4, PROG_SENDMSG6,
 };
 
 use crate::{
@@ -73,6 +75,13 @@ pub enum LoaderError {
         hook: &'static str,
         #[source]
         source: ProgramError,
+    },
+    #[error("attaching program {program} to {hook}")]
+    RawAttach {
+        program: &'static str,
+        hook: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{action} cannot be enforced on this kernel (--require-hooks): {program}: {reason}")]
     HookRequired {
@@ -156,6 +165,7 @@ pub struct MapSizes {
     pub exec_rules: u32,
     pub file_rules: u32,
     pub only_from: u32,
+    pub device_rules: u32,
     pub events_bytes: u32,
 }
 
@@ -167,6 +177,7 @@ impl Default for MapSizes {
             exec_rules: 262_144,
             file_rules: 262_144,
             only_from: 16384,
+            device_rules: 16384,
             events_bytes: 16 << 20,
         }
     }
@@ -175,19 +186,20 @@ impl Default for MapSizes {
 impl MapSizes {
     /// The policy maps' capacities, in `Compiled::rule_counts` order (the
     /// `map` label of the metrics).
-    pub fn policy_caps(&self) -> [u32; 5] {
+    pub fn policy_caps(&self) -> [u32; 6] {
         [
             self.identities,
             self.net_rules,
             self.exec_rules,
             self.file_rules,
             self.only_from,
+            self.device_rules,
         ]
     }
 
     /// Sets one policy map's capacity from `MAP=N`, `MAP` as the metrics
     /// name it (`identities`, `net_rules`, `exec_rules`, `file_rules`,
-    /// `only_from`).
+    /// `only_from`, `device_rules`).
     pub fn set(&mut self, spec: &str) -> Result<(), String> {
         let (map, n) = spec
             .split_once('=')
@@ -203,9 +215,10 @@ impl MapSizes {
             "exec_rules" => &mut self.exec_rules,
             "file_rules" => &mut self.file_rules,
             "only_from" => &mut self.only_from,
+            "device_rules" => &mut self.device_rules,
             _ => {
                 return Err(format!(
-                    "{map:?}: not a policy map (identities, net_rules, exec_rules, file_rules, only_from)"
+                    "{map:?}: not a policy map (identities, net_rules, exec_rules, file_rules, only_from, device_rules)"
                 ));
             }
         };
@@ -219,6 +232,7 @@ impl MapSizes {
 pub enum Backend {
     None,
     CgroupSockAddr,
+    CgroupDevice,
     Lsm,
     TracepointKill,
 }
@@ -228,6 +242,7 @@ impl Backend {
         match self {
             Self::None => "none",
             Self::CgroupSockAddr => "cgroup_sock_addr",
+            Self::CgroupDevice => "cgroup_device",
             Self::Lsm => "lsm",
             Self::TracepointKill => "tracepoint_kill",
         }
@@ -238,6 +253,7 @@ impl Backend {
         match self {
             Self::None => BACKEND_NONE,
             Self::CgroupSockAddr => BACKEND_CGROUP_SOCK_ADDR,
+            Self::CgroupDevice => BACKEND_CGROUP_DEVICE,
             Self::Lsm => BACKEND_LSM,
             Self::TracepointKill => BACKEND_TRACEPOINT_KILL,
         }
@@ -247,6 +263,7 @@ impl Backend {
     pub fn from_wire(v: u8) -> Self {
         match v {
             BACKEND_CGROUP_SOCK_ADDR => Self::CgroupSockAddr,
+            BACKEND_CGROUP_DEVICE => Self::CgroupDevice,
             BACKEND_LSM => Self::Lsm,
             BACKEND_TRACEPOINT_KILL => Self::TracepointKill,
             _ => Self::None,
@@ -260,6 +277,7 @@ pub struct Backends {
     pub connect: Backend,
     pub exec: Backend,
     pub open: Backend,
+    pub device: Backend,
 }
 
 /// An action the agent does not enforce on this node because none of its
@@ -297,7 +315,15 @@ pub struct Kernel {
         dead_code,
         reason = "held, never read: dropping them detaches the programs"
     )]
-    links: Vec<FdLink>,
+    links: Vec<AttachedLink>,
+}
+
+/// A program's attachment: aya's link, or a link the agent made through
+/// `bpf()` itself where aya gives none it can pin (`bpf_sys`).
+#[derive(Debug)]
+pub enum AttachedLink {
+    Aya(FdLink),
+    Raw(std::os::fd::OwnedFd),
 }
 
 impl Kernel {
@@ -312,6 +338,8 @@ impl Kernel {
 pub(crate) enum Hook {
     /// A cgroup sock_addr program at the cgroup root.
     SockAddr,
+    /// A cgroup device program at the cgroup root.
+    Device,
     /// A BPF-LSM hook.
     Lsm(&'static str),
     /// A BTF tracepoint.
@@ -322,6 +350,7 @@ impl Hook {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::SockAddr => "cgroup_sock_addr",
+            Self::Device => "cgroup_device",
             Self::Lsm(h) | Self::BtfTracepoint(h) => h,
         }
     }
@@ -333,6 +362,7 @@ enum Action {
     Connect,
     Exec,
     Open,
+    Device,
     /// Not enforcement (cgroup_mkdir).
     Observe,
 }
@@ -343,6 +373,7 @@ impl Action {
             Self::Connect => "connect",
             Self::Exec => "exec",
             Self::Open => "open",
+            Self::Device => "device",
             Self::Observe => "observe",
         }
     }
@@ -444,6 +475,14 @@ pub(crate) const PROGRAMS: &[ProgramSpec] = &[
         true,
     ),
     spec(
+        PROG_DEVICE,
+        Hook::Device,
+        Action::Device,
+        Backend::CgroupDevice,
+        None,
+        false,
+    ),
+    spec(
         PROG_CGROUP_MKDIR,
         Hook::BtfTracepoint("cgroup_mkdir"),
         Action::Observe,
@@ -484,6 +523,7 @@ pub(crate) fn open_object(
         .map_max_entries(MAP_EXEC_RULES, s.exec_rules)
         .map_max_entries(MAP_FILE_RULES, s.file_rules)
         .map_max_entries(MAP_ONLY_FROM, s.only_from)
+        .map_max_entries(MAP_DEVICE_RULES, s.device_rules)
         .map_max_entries(MAP_EVENTS, s.events_bytes)
         .load(OBJECT)
         .map_err(LoaderError::Object)?;
@@ -513,6 +553,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         connect: Backend::None,
         exec: Backend::None,
         open: Backend::None,
+        device: Backend::None,
     };
     let mut pinned = Vec::new();
     let mut links = Vec::new();
@@ -582,6 +623,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
             Action::Connect => backends.connect = used.backend,
             Action::Exec => backends.exec = used.backend,
             Action::Open => backends.open = used.backend,
+            Action::Device => backends.device = used.backend,
             Action::Observe => {}
         }
         tracing::info!(
@@ -598,6 +640,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
             "connect" => backends.connect = Backend::None,
             "exec" => backends.exec = Backend::None,
             "open" => backends.open = Backend::None,
+            "device" => backends.device = Backend::None,
             _ => {}
         }
     }
@@ -634,7 +677,7 @@ fn try_attach(
     spec: &ProgramSpec,
     opts: &LoadOptions,
     kbtf: &Btf,
-) -> Result<Result<FdLink, String>, LoaderError> {
+) -> Result<Result<AttachedLink, String>, LoaderError> {
     if opts.refuse_programs.iter().any(|p| p == spec.program) {
         return Ok(Err("refused by --test-refuse-program".into()));
     }
@@ -665,6 +708,9 @@ pub(crate) fn load_program(
         Hook::SockAddr => <&mut CgroupSockAddr>::try_from(prog)
             .map_err(wrong_type)?
             .load(),
+        Hook::Device => <&mut CgroupDevice>::try_from(prog)
+            .map_err(wrong_type)?
+            .load(),
         Hook::Lsm(name) => <&mut Lsm>::try_from(prog)
             .map_err(wrong_type)?
             .load(name, kbtf),
@@ -684,7 +730,7 @@ fn attach(
     spec: &ProgramSpec,
     opts: &LoadOptions,
     kbtf: &Btf,
-) -> Result<FdLink, LoaderError> {
+) -> Result<AttachedLink, LoaderError> {
     load_program(ebpf, spec, kbtf)?;
     let program = spec.program;
     let hook = spec.hook.name();
@@ -718,17 +764,44 @@ fn attach(
                 .map_err(attach_err)?;
             let link = p.take_link(id).map_err(attach_err)?;
             FdLink::try_from(link)
+                .map(AttachedLink::Aya)
                 .map_err(|source| LoaderError::LinkNotPinnable { program, source })
+        }
+        Hook::Device => {
+            let p: &mut CgroupDevice = prog.try_into().map_err(wrong_type)?;
+            let cgroup = File::open(&opts.cgroup_root).map_err(|source| LoaderError::Cgroup {
+                program,
+                path: opts.cgroup_root.clone(),
+                source,
+            })?;
+            let prog_fd = p.fd().map_err(attach_err)?;
+            // A link, so it coexists with the runtime's per-container device
+            // programs and the kernel ANDs their verdicts.
+            crate::bpf_sys::cgroup_link_create(
+                prog_fd.as_fd(),
+                cgroup.as_fd(),
+                crate::bpf_sys::BPF_CGROUP_DEVICE,
+            )
+            .map(AttachedLink::Raw)
+            .map_err(|source| LoaderError::RawAttach {
+                program,
+                hook,
+                source,
+            })
         }
         Hook::Lsm(_) => {
             let p: &mut Lsm = prog.try_into().map_err(wrong_type)?;
             let id = p.attach().map_err(attach_err)?;
-            Ok(p.take_link(id).map_err(attach_err)?.into())
+            Ok(AttachedLink::Aya(
+                p.take_link(id).map_err(attach_err)?.into(),
+            ))
         }
         Hook::BtfTracepoint(_) => {
             let p: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
             let id = p.attach().map_err(attach_err)?;
-            Ok(p.take_link(id).map_err(attach_err)?.into())
+            Ok(AttachedLink::Aya(
+                p.take_link(id).map_err(attach_err)?.into(),
+            ))
         }
     }
 }

@@ -47,6 +47,10 @@ enum Command {
         /// decisions file (`FILE.generations`); none when logging to stdout.
         #[arg(long)]
         generations_dir: Option<PathBuf>,
+        /// procfs the node's device classes are read from (GPUs, dynamic
+        /// majors); a stand-in tree for tests.
+        #[arg(long, default_value = "/proc", hide = true)]
+        host_proc: PathBuf,
         /// Capacity of one policy map, `MAP=N` (repeatable; MAP as in the
         /// `portcullis_map_capacity` metric, e.g. `identities=131072`).
         #[arg(long = "map-capacity", value_name = "MAP=N")]
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
             decisions_keep,
             generations_dir,
             map_capacity,
+            host_proc,
             force_fallback,
             require_hooks,
             test_refuse_program,
@@ -215,6 +220,7 @@ fn main() -> ExitCode {
                 },
                 generations_dir,
                 map_sizes,
+                host_proc,
                 force_fallback,
                 require_hooks,
                 refuse_programs: test_refuse_program,

@@ -21,8 +21,9 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use portcullis_common::{
-    IdentityConfig, InodeKey, InodeRuleSet, MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES,
-    MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, NET_KEY_DATA_LEN, NetRuleSet,
+    DeviceKey, DeviceRuleSet, IdentityConfig, InodeKey, InodeRuleSet, MAP_DEVICE_RULES,
+    MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM,
+    NET_KEY_DATA_LEN, NetRuleSet,
 };
 
 use crate::compile::Compiled;
@@ -65,6 +66,7 @@ pub struct PolicyMaps {
     exec: HashMap<MapData, InodeKey, InodeRuleSet>,
     files: HashMap<MapData, InodeKey, InodeRuleSet>,
     only_from: HashMap<MapData, InodeKey, u32>,
+    devices: HashMap<MapData, DeviceKey, DeviceRuleSet>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -111,6 +113,7 @@ impl PolicyMaps {
             exec: take(ebpf, MAP_EXEC_RULES)?,
             files: take(ebpf, MAP_FILE_RULES)?,
             only_from: take(ebpf, MAP_ONLY_FROM)?,
+            devices: take(ebpf, MAP_DEVICE_RULES)?,
         })
     }
 
@@ -180,6 +183,9 @@ impl PolicyMaps {
         for k in old.only_from.difference(&new.only_from) {
             let _ = self.only_from.remove(k);
         }
+        for k in old.devices.keys().filter(|k| !new.devices.contains_key(k)) {
+            let _ = self.devices.remove(k);
+        }
         for (len, data) in old.net.keys().filter(|k| !new.net.contains_key(k)) {
             let _ = self.net.remove(&Key::new(*len, *data));
         }
@@ -195,6 +201,7 @@ impl PolicyMaps {
             exec: Arc::new(self.exec.iter().filter_map(Result::ok).collect()),
             files: Arc::new(self.files.iter().filter_map(Result::ok).collect()),
             only_from: Arc::new(self.only_from.keys().filter_map(Result::ok).collect()),
+            devices: Arc::new(self.devices.iter().filter_map(Result::ok).collect()),
             net: Arc::new(
                 self.net
                     .iter()
@@ -230,6 +237,12 @@ impl PolicyMaps {
             new.files.iter().map(|(k, v)| (*k, *v)),
             &|k| old.files.contains_key(k),
         )?;
+        undo.devices = insert_all(
+            &mut self.devices,
+            MAP_DEVICE_RULES,
+            new.devices.iter().map(|(k, v)| (*k, *v)),
+            &|k| old.devices.contains_key(k),
+        )?;
         for (&(len, data), v) in new.net.iter() {
             self.net
                 .insert(&Key::new(len, data), *v, 0)
@@ -256,6 +269,9 @@ impl PolicyMaps {
         }
         for k in &undo.files {
             let _ = self.files.remove(k);
+        }
+        for k in &undo.devices {
+            let _ = self.devices.remove(k);
         }
         for (len, data) in &undo.net {
             let _ = self.net.remove(&Key::new(*len, *data));
@@ -297,6 +313,7 @@ struct Undo {
     only_from: Vec<InodeKey>,
     exec: Vec<InodeKey>,
     files: Vec<InodeKey>,
+    devices: Vec<DeviceKey>,
     net: BTreeSet<(u32, NetKey)>,
     identity_cfg: Vec<u32>,
 }

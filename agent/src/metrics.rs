@@ -20,9 +20,9 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray};
 use portcullis_common::{
-    ACTIONS, COUNTER_ERR_CONNECT, COUNTER_ERR_EXEC, COUNTER_ERR_OPEN, COUNTER_LOST_EVENTS,
-    COUNTER_MKDIR_LOST, COUNTER_UNCLASSIFIED, COUNTERS, DECISION_SLOTS, POLICY_DECISION_SLOTS,
-    VERDICTS, policy_decision_index,
+    ACTIONS, COUNTER_ERR_CONNECT, COUNTER_ERR_DEVICE, COUNTER_ERR_EXEC, COUNTER_ERR_OPEN,
+    COUNTER_LOST_EVENTS, COUNTER_MKDIR_LOST, COUNTER_UNCLASSIFIED, COUNTERS, DECISION_SLOTS,
+    POLICY_DECISION_SLOTS, VERDICTS, policy_decision_index,
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -86,7 +86,7 @@ fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
     map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
-const ACTION_NAMES: [&str; ACTIONS as usize] = ["exec", "connect", "open"];
+const ACTION_NAMES: [&str; ACTIONS as usize] = ["exec", "connect", "open", "device"];
 const VERDICT_NAMES: [&str; VERDICTS as usize] = ["allow", "audit", "deny"];
 
 /// Every metric the agent exports. Cheap to share (`Arc`).
@@ -104,6 +104,7 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     pub policies: Gauge,
+    pub gpus: Gauge,
     pub cgroups_classified: Counter,
     backend: Family<BackendLabels, Gauge>,
     kernel: Mutex<Option<KernelCounters>>,
@@ -145,6 +146,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             policies: Gauge::default(),
+            gpus: Gauge::default(),
             cgroups_classified: Counter::default(),
             backend: Family::default(),
             kernel: Mutex::new(None),
@@ -214,6 +216,11 @@ impl Metrics {
         );
         registry.register("policies", "Policies in force", m.policies.clone());
         registry.register(
+            "gpus",
+            "NVIDIA GPUs found on this node (each governed by device rules that name it)",
+            m.gpus.clone(),
+        );
+        registry.register(
             "cgroups_classified",
             "Cgroups classified after creation (via the cgroup_mkdir tracepoint or rescan)",
             m.cgroups_classified.clone(),
@@ -255,7 +262,12 @@ impl Metrics {
     }
 
     pub fn set_backends(&self, b: &Backends) {
-        for (hook, backend) in [("connect", b.connect), ("exec", b.exec), ("open", b.open)] {
+        for (hook, backend) in [
+            ("connect", b.connect),
+            ("exec", b.exec),
+            ("open", b.open),
+            ("device", b.device),
+        ] {
             self.backend
                 .get_or_create(&BackendLabels {
                     hook,
@@ -309,6 +321,7 @@ impl Metrics {
             ("connect", COUNTER_ERR_CONNECT),
             ("exec", COUNTER_ERR_EXEC),
             ("open", COUNTER_ERR_OPEN),
+            ("device", COUNTER_ERR_DEVICE),
         ] {
             self.kernel_errors
                 .get_or_create(&HookLabels { hook })

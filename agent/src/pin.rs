@@ -15,12 +15,15 @@
 //! set but its own, so sets never pile up.
 
 use std::{
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::PinnedLink;
 use portcullis_common::PIN_LAYOUT;
+
+use crate::loader::AttachedLink;
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
@@ -55,6 +58,13 @@ pub enum PinError {
         path: PathBuf,
         #[source]
         source: aya::pin::PinError,
+    },
+    #[error("pinning link of program {program} at {path}")]
+    PinRaw {
+        program: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("removing {path}")]
     Remove {
@@ -103,16 +113,30 @@ impl PinDir {
     }
 
     /// Pins `link` of `program` under this instance's name.
-    pub fn pin_link(&self, program: &'static str, link: FdLink) -> Result<PinnedLink, PinError> {
+    pub fn pin_link(
+        &self,
+        program: &'static str,
+        link: AttachedLink,
+    ) -> Result<PinnedLink, PinError> {
         let path = self
             .root
             .join("links")
             .join(format!("{program}@{}", self.instance));
-        link.pin(&path).map_err(|source| PinError::Pin {
-            program,
-            path,
-            source,
-        })
+        match link {
+            AttachedLink::Aya(link) => link.pin(&path).map_err(|source| PinError::Pin {
+                program,
+                path,
+                source,
+            }),
+            AttachedLink::Raw(fd) => {
+                crate::bpf_sys::obj_pin(fd.as_fd(), &path).map_err(|source| PinError::PinRaw {
+                    program,
+                    path: path.clone(),
+                    source,
+                })?;
+                PinnedLink::from_pin(&path).map_err(|source| PinError::Open { path, source })
+            }
+        }
     }
 
     /// Opens every pinned link of earlier instances, so they can be retired

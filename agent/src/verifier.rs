@@ -11,7 +11,9 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{BtfTracePoint, CgroupSockAddr, Lsm, LsmAttachType, ProgramError, ProgramType},
+    programs::{
+        BtfTracePoint, CgroupDevice, CgroupSockAddr, Lsm, LsmAttachType, ProgramError, ProgramType,
+    },
     sys::is_program_supported,
 };
 use nix::errno::Errno;
@@ -143,6 +145,9 @@ fn measure(ebpf: &mut Ebpf, spec: &ProgramSpec, kbtf: &aya::Btf) -> Result<Measu
         .ok_or_else(|| format!("program {} vanished", spec.program))?;
     let info = match spec.hook {
         Hook::SockAddr => <&CgroupSockAddr>::try_from(prog)
+            .map_err(|e| e.to_string())?
+            .info(),
+        Hook::Device => <&CgroupDevice>::try_from(prog)
             .map_err(|e| e.to_string())?
             .info(),
         Hook::Lsm(_) => <&Lsm>::try_from(prog).map_err(|e| e.to_string())?.info(),

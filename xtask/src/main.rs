@@ -4,10 +4,12 @@
 //! - `run`:   set-up, build, and run the agent on `policies/default.yaml`.
 //! - `test`:  set-up, build, and run every test, then the VM matrix.
 //! - `bench`: benchmarks against no agent and peers; writes `bench/REPORT.md`.
+//! - `gpu-check`: on a real NVIDIA node, checks the device rules on its GPUs.
 //! - `vm`:    boot Debian kernels under QEMU and run the kernel tests inside
 //!            (BPF-LSM on and off); see `vm.rs`.
 
 mod bench;
+mod gpu_check;
 mod kernels;
 mod setup;
 mod vm;
@@ -46,6 +48,9 @@ enum Cmd {
     /// Boot Debian kernels under QEMU (BPF-LSM on and off) and run the
     /// kernel and end-to-end tests inside each.
     Vm,
+    /// On a node with NVIDIA GPUs: list them, allow GPU 0 only to a scratch
+    /// cgroup, and check every GPU's open from it (needs root).
+    GpuCheck,
     /// Benchmark the agent against no agent and against nftables/fanotify
     /// peers; writes bench/REPORT.md and SVG plots (needs root).
     Bench {
@@ -91,6 +96,7 @@ fn main() -> Result<()> {
             vms
         }
         Cmd::Vm => vm::run(&root),
+        Cmd::GpuCheck => gpu_check::run(&root),
         Cmd::Bench { quick } => bench::run(&root, quick),
     }
 }

@@ -28,6 +28,7 @@ fn policy(name: &str, cgroup: &str) -> Policy {
         exec: None,
         egress: None,
         files: vec![],
+        devices: None,
     }
 }
 

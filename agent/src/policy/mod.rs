@@ -5,6 +5,7 @@
 //! Everything in this module is pure: no kernel, no filesystem walks beyond
 //! reading the policy files themselves.
 
+pub mod devices;
 pub mod glob;
 pub mod labels;
 pub mod parse;
@@ -13,6 +14,7 @@ mod tests;
 
 use std::{net::Ipv6Addr, path::PathBuf};
 
+pub use devices::{DeviceKind, DeviceRule, DeviceRules, DeviceTarget};
 pub use labels::{LabelOperator, LabelRequirement, LabelSelector};
 pub use parse::{ParseCache, PolicyError, load_paths, load_paths_cached, parse_str};
 
@@ -33,6 +35,7 @@ pub struct Policy {
     pub exec: Option<ExecRules>,
     pub egress: Option<EgressRules>,
     pub files: Vec<FileRule>,
+    pub devices: Option<DeviceRules>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -178,7 +181,15 @@ pub fn next_expiry(policies: &[Policy], now: i64) -> Option<i64> {
         .iter()
         .filter_map(|p| p.egress.as_ref())
         .flat_map(|e| e.allow.iter().map(|r| r.until));
-    exec.chain(net).flatten().filter(|&u| u > now).min()
+    let devices = policies
+        .iter()
+        .filter_map(|p| p.devices.as_ref())
+        .flat_map(|d| d.allow.iter().map(|r| r.until));
+    exec.chain(net)
+        .chain(devices)
+        .flatten()
+        .filter(|&u| u > now)
+        .min()
 }
 
 /// How long the agent waits before recompiling for the next lapsing

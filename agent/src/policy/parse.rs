@@ -88,9 +88,11 @@ use std::{
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
 
+mod devices;
+
 use super::{
-    API_VERSION, DefaultAction, EgressRules, ExecRules, FileAccess, FileRule, KIND, LabelOperator,
-    LabelRequirement, LabelSelector, Mode, NetRule, PathRule, Policy, Selector,
+    API_VERSION, DefaultAction, DeviceRules, EgressRules, ExecRules, FileAccess, FileRule, KIND,
+    LabelOperator, LabelRequirement, LabelSelector, Mode, NetRule, PathRule, Policy, Selector,
     glob::{validate_cgroup_glob, validate_path_glob, validate_unit_glob},
     labels,
 };
@@ -457,6 +459,16 @@ fn join(base: &str, key: &str) -> String {
     }
 }
 
+/// A validated `spec`.
+struct Spec {
+    mode: Mode,
+    selector: Selector,
+    exec: Option<ExecRules>,
+    egress: Option<EgressRules>,
+    files: Vec<FileRule>,
+    devices: Option<DeviceRules>,
+}
+
 /// Validation state for one file.
 struct Cx<'a> {
     file: &'a Path,
@@ -648,15 +660,16 @@ impl<'a> Cx<'a> {
         let spec = self
             .required_entry(&top, "spec")
             .and_then(|(at, s)| self.spec(at, s));
-        let ((name, name_at), (mode, selector, exec, egress, files)) = (name?, spec?);
+        let ((name, name_at), spec) = (name?, spec?);
         let policy = Policy {
             name,
             source: self.file.to_path_buf(),
-            mode,
-            selector,
-            exec,
-            egress,
-            files,
+            mode: spec.mode,
+            selector: spec.selector,
+            exec: spec.exec,
+            egress: spec.egress,
+            files: spec.files,
+            devices: spec.devices,
         };
         Some((policy, name_at))
     }
@@ -684,21 +697,11 @@ impl<'a> Cx<'a> {
         clippy::type_complexity,
         reason = "private tuple consumed once, in `policy`"
     )]
-    fn spec(
-        &mut self,
-        at: Location,
-        n: &SNode,
-    ) -> Option<(
-        Mode,
-        Selector,
-        Option<ExecRules>,
-        Option<EgressRules>,
-        Vec<FileRule>,
-    )> {
+    fn spec(&mut self, at: Location, n: &SNode) -> Option<Spec> {
         let mut f = self.map(
             n,
             "spec",
-            Some(&["mode", "selector", "exec", "network", "files"]),
+            Some(&["mode", "selector", "exec", "network", "files", "devices"]),
         )?;
         f.at = at;
         let before = self.errors.len();
@@ -751,18 +754,32 @@ impl<'a> Cx<'a> {
             }
         }
 
+        let devices = f.entry("devices").and_then(|(at, d)| self.devices(at, d));
+
         // Only when nothing else is wrong: a misspelt `egres:` already says why.
-        if self.errors.len() == before && f.get("exec").is_none() && !has_egress && !has_files {
+        if self.errors.len() == before
+            && f.get("exec").is_none()
+            && !has_egress
+            && !has_files
+            && f.get("devices").is_none()
+        {
             self.err(
                 f.at,
                 "spec",
-                "policy has no rules: give at least one of exec, network.egress or files",
+                "policy has no rules: give at least one of exec, network.egress, files or devices",
             );
         }
         if self.errors.len() != before {
             return None;
         }
-        Some((mode?, selector?, exec, egress, files))
+        Some(Spec {
+            mode: mode?,
+            selector: selector?,
+            exec,
+            egress,
+            files,
+            devices,
+        })
     }
 
     fn selector(&mut self, at: Location, n: &SNode) -> Option<Selector> {

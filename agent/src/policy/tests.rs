@@ -183,6 +183,7 @@ fn inference_serving_example_parses_to_exact_policy() {
                 only_from: vec![rule("/opt/triton/bin/tritonserver", 28)],
             },
         ],
+        devices: None,
     };
     assert_eq!(policies, vec![expected]);
 }
@@ -432,7 +433,7 @@ fn multi_document_file_reports_errors_from_every_document() {
             (
                 21,
                 "spec.bogus",
-                "unknown field 'bogus', expected one of: mode, selector, exec, network, files"
+                "unknown field 'bogus', expected one of: mode, selector, exec, network, files, devices"
             ),
         ]
     );
@@ -608,7 +609,7 @@ fn spec_and_selector_errors() {
         "  files: []\n",
         5,
         "spec",
-        "policy has no rules: give at least one of exec, network.egress or files",
+        "policy has no rules: give at least one of exec, network.egress, files or devices",
     );
     assert_spec_error(
         "  exec: [/bin/sh]\n",
@@ -1235,4 +1236,80 @@ fn cached_loads_match_fresh_loads() {
     let after = load_paths_cached(&paths, &mut cache);
     assert_eq!(after, load_paths(&paths));
     assert_eq!((names(&after), cache.len()), (vec!["b2".to_owned()], 1));
+}
+
+#[test]
+fn device_rules_parse_and_bad_ones_name_line_and_field() {
+    let doc = |devices: &str| {
+        format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: p\nspec:\n  selector:\n    cgroupPath: /a/**\n  devices:\n{devices}"
+        )
+    };
+    let p = parse_one(&doc(
+        "    default: deny\n    allow:\n      - { kind: nvidia-gpu, index: 0, access: [read, write] }\n      - { device: \"c 195:*\", log: true }\n      - { path: /dev/dri/renderD* }\n    deny:\n      - { kind: nvidia-uvm-tools }\n",
+    ));
+    let d = p.devices.expect("devices");
+    assert_eq!(d.default, DefaultAction::Deny);
+    assert_eq!(
+        d.allow.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(),
+        [
+            "nvidia-gpu index 0 read,write",
+            "c 195:* read,write,mknod",
+            "/dev/dri/renderD* read,write,mknod"
+        ]
+    );
+    assert_eq!(d.allow[0].line, 11);
+    assert!(d.allow[1].log);
+    assert_eq!(
+        d.deny[0].target,
+        DeviceTarget::Kind {
+            kind: DeviceKind::NvidiaUvmTools,
+            index: None,
+            uuid: None
+        }
+    );
+    for (devices, line, field, message) in [
+        (
+            "    allow:\n      - { kind: nvidia-gpus }\n",
+            10,
+            "spec.devices.allow[0].kind",
+            "unknown device kind 'nvidia-gpus', expected nvidia-gpu, nvidiactl, nvidia-modeset, nvidia-uvm, nvidia-uvm-tools, nvidia-caps, rdma-uverbs, rdma-cm, rdma-issm, rdma-umad, drm-render or amd-kfd",
+        ),
+        (
+            "    allow:\n      - { device: \"195\" }\n",
+            10,
+            "spec.devices.allow[0].device",
+            "'195' is not a device number: expected MAJOR:MINOR, e.g. \"195:0\", \"c 195:*\" or \"b 8:0\"",
+        ),
+        (
+            "    deny:\n      - { kind: nvidiactl, index: 1 }\n",
+            10,
+            "spec.devices.deny[0].index",
+            "index is only valid with kind nvidia-gpu",
+        ),
+        (
+            "    deny:\n      - { kind: nvidiactl, log: true }\n",
+            10,
+            "spec.devices.deny[0].log",
+            "log is only valid on allow rules (denies are always logged)",
+        ),
+        (
+            "    allow:\n      - { kind: nvidia-gpu, access: [execute] }\n",
+            10,
+            "spec.devices.allow[0].access[0]",
+            "unknown device access 'execute', expected read, write or mknod",
+        ),
+    ] {
+        assert_error(&doc(devices), line, field, message);
+    }
+    let both = errors_of(&doc(
+        "    allow:\n      - { kind: nvidiactl, device: \"195:255\" }\n",
+    ));
+    assert_eq!(
+        (both[0].field.as_str(), both[0].message.as_str()),
+        (
+            "spec.devices.allow[0]",
+            "give exactly one of kind, device or path (found kind, device)"
+        )
+    );
 }

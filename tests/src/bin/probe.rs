@@ -5,7 +5,8 @@
 //!
 //! Ops: `connect IP PORT [tcp|udp]`, `sendto IP PORT`, `read PATH`,
 //! `write PATH`, `read-in DIR RELPATH` (chdir, then a relative open),
-//! `exec PATH [ARGS..]`, and (with `PORTCULLIS_PROBE_UID=N` it switches to
+//! `exec PATH [ARGS..]`, `mknod PATH MAJOR MINOR` (a character device
+//! node), and (with `PORTCULLIS_PROBE_UID=N` it switches to
 //! uid and gid N after joining the cgroup)
 //! `hammer SECS ALLOW_IP ALLOW_PORT DENY_IP DENY_PORT ALLOW_FILE`: for SECS
 //! seconds, loops an allowed connect, a denied connect and an allowed read,
@@ -102,6 +103,20 @@ fn main() -> ExitCode {
                 file,
             );
             return ExitCode::SUCCESS;
+        }
+        ("mknod", [path, major, minor]) => {
+            let dev = nix::sys::stat::makedev(
+                major.parse().expect("major"),
+                minor.parse().expect("minor"),
+            );
+            nix::sys::stat::mknod(
+                path.as_str(),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                dev,
+            )
+            .map(|()| 0)
+            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
         }
         ("read-in", [dir, rel]) => std::env::set_current_dir(dir).and_then(|()| read_all(rel)),
         ("exec", [path, argv @ ..]) => {

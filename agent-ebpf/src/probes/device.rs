@@ -1,0 +1,173 @@
+//! Device access: a cgroup device program at the cgroup v2 root, asked by
+//! the kernel on every open of a device node and every `mknod` by a task
+//! below it. Returning 0 makes the call fail with EPERM, on every kernel,
+//! LSM or not. Attached with multi-attach, so the verdict is ANDed with the
+//! container runtime's own per-container device programs.
+//!
+//! Fail open: a missing identity config allows and is counted in
+//! `COUNTER_ERR_DEVICE`.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{helpers::generated::bpf_loop, macros::cgroup_device, programs::DeviceContext};
+use portcullis_common::{
+    ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, ACTION_DEVICE, BACKEND_CGROUP_DEVICE,
+    COUNTER_ERR_DEVICE, DEVICE_ANY_MINOR, DEVICE_RULES_PER_KEY, DeviceKey, DeviceRuleSet,
+    EVENT_DECISION, Event, HAS_DEVICES, IDENTITY_UNRESTRICTED, IdentityConfig, MODE_ENFORCE,
+    RULE_LOG_ALLOW, VERDICT_ALLOW, VERDICT_DENY,
+};
+
+use crate::{
+    decision::{Decision, Hit, Matches, allow, fill_common, fill_decision, reserve_decision},
+    identity,
+    maps::{DEVICE_RULES, count, count_decision, count_policy_decision},
+};
+
+/// `BPF_DEVCG_ACC_*`, in the upper half of `access_type`.
+const DEVCG_ACC_MKNOD: u32 = 1;
+const DEVCG_ACC_READ: u32 = 2;
+const DEVCG_ACC_WRITE: u32 = 4;
+
+#[cgroup_device]
+pub fn device(ctx: DeviceContext) -> i32 {
+    match try_device(&ctx) {
+        Ok(VERDICT_DENY) => 0,
+        Ok(_) => 1,
+        Err(()) => {
+            count(COUNTER_ERR_DEVICE);
+            1
+        }
+    }
+}
+
+#[inline(always)]
+fn try_device(ctx: &DeviceContext) -> Result<u8, ()> {
+    let (cgid, id) = identity::current();
+    if id == IDENTITY_UNRESTRICTED {
+        count_decision(ACTION_DEVICE, VERDICT_ALLOW);
+        return Ok(VERDICT_ALLOW);
+    }
+    let cfg = identity::config(id).ok_or(())?;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let dev = unsafe { &*ctx.device };
+    let kind = dev.access_type & 0xffff;
+    let acc = dev.access_type >> 16;
+    let requested = (if acc & DEVCG_ACC_READ != 0 {
+        ACCESS_READ
+    } else {
+        0
+    }) | (if acc & DEVCG_ACC_WRITE != 0 {
+        ACCESS_WRITE
+    } else {
+        0
+    }) | (if acc & DEVCG_ACC_MKNOD != 0 {
+        ACCESS_MKNOD
+    } else {
+        0
+    });
+    let d = if cfg.flags & HAS_DEVICES == 0 {
+        allow()
+    } else {
+        let mut scan = DeviceScan {
+            set: core::ptr::null(),
+            requested,
+            m: Matches::new(identity::active_policies(cfg)),
+        };
+        for minor in [dev.minor, DEVICE_ANY_MINOR] {
+            let key = DeviceKey {
+                identity: id,
+                kind,
+                major: dev.major,
+                minor,
+            };
+            // SAFETY: a reference into a map value, live for the run.
+            if let Some(set) = unsafe { DEVICE_RULES.get(&key) } {
+                scan.set = set;
+                // bpf_loop, as for the network rules: the verifier checks
+                // one rule once, not every combination of matches.
+                // SAFETY: `device_rule` only touches `scan` through the
+                // pointer.
+                unsafe {
+                    bpf_loop(
+                        DEVICE_RULES_PER_KEY as u32,
+                        device_rule as *mut c_void,
+                        (&mut scan as *mut DeviceScan).cast(),
+                        0,
+                    )
+                };
+            }
+        }
+        let m = scan.m;
+        m.finish(cfg.dev_deny_enforce, cfg.dev_deny_audit)
+    };
+    report(cgid, id, cfg, &d, kind, dev.major, dev.minor, requested);
+    Ok(d.verdict)
+}
+
+struct DeviceScan {
+    set: *const DeviceRuleSet,
+    requested: u32,
+    m: Matches,
+}
+
+/// One rule of a `DeviceRuleSet`; returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn device_rule(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `DeviceScan`, `set` a live map value.
+    let scan = unsafe { &mut *(ctx as *mut DeviceScan) };
+    let set = unsafe { &*scan.set };
+    if i >= DEVICE_RULES_PER_KEY as u64 || i as u32 >= set.count {
+        return 1;
+    }
+    let r = &set.rules[i as usize];
+    let hit = Hit {
+        rule_id: r.rule_id,
+        policy_bit: r.policy_bit,
+        depth: 0,
+    };
+    if r.verdict == VERDICT_DENY {
+        if scan.requested & r.access != 0 {
+            scan.m.deny(r.mode, hit);
+            // The first enforce deny decides (see `inode::inode_rule`).
+            if r.mode == MODE_ENFORCE {
+                return 1;
+            }
+        }
+    } else if scan.requested & !r.access == 0 {
+        scan.m.allow(hit, r.flags as u32 & RULE_LOG_ALLOW != 0);
+    }
+    0
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn report(
+    cgid: u64,
+    id: u32,
+    cfg: &IdentityConfig,
+    d: &Decision,
+    kind: u32,
+    major: u32,
+    minor: u32,
+    requested: u32,
+) {
+    count_decision(ACTION_DEVICE, d.verdict);
+    count_policy_decision(cfg, ACTION_DEVICE, d.verdict, d.hit.policy_bit);
+    if !d.emits() {
+        return;
+    }
+    let Some(mut entry) = reserve_decision() else {
+        return;
+    };
+    let e: *mut Event = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved entry.
+    unsafe {
+        fill_common(e, EVENT_DECISION, id, cgid);
+        fill_decision(e, ACTION_DEVICE, BACKEND_CGROUP_DEVICE, d, cfg);
+        // The kernel's dev_t encoding, as for inode targets.
+        (*e).dev = (major << 20) | (minor & 0xfffff);
+        (*e).proto = kind as u8;
+        (*e).access = requested;
+    }
+    entry.submit(0);
+}

@@ -1,0 +1,57 @@
+//! The two `bpf()` commands the agent issues itself: aya 0.14 attaches a
+//! cgroup device program but gives no `FdLink` for it (it converts only its
+//! sock, sock_addr and skb links), and an `FdLink` is what pinning needs.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// `enum bpf_attach_type`.
+pub const BPF_CGROUP_DEVICE: u32 = 6;
+
+/// `union bpf_attr`, zero-filled, as 32-bit words.
+type Attr = [u32; 32];
+
+fn bpf(cmd: libc::c_long, attr: &Attr) -> io::Result<i64> {
+    // SAFETY: `attr` is a zero-filled bpf_attr of the size passed; the
+    // kernel reads only the fields of `cmd`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of_val(attr)) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `BPF_LINK_CREATE` of `prog` on the cgroup `cgroup` (links coexist with
+/// every other program there: multi-attach semantics).
+pub fn cgroup_link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr: Attr = [0; 32];
+    attr[0] = prog.as_raw_fd() as u32;
+    attr[1] = cgroup.as_raw_fd() as u32;
+    attr[2] = attach_type;
+    let fd = bpf(BPF_LINK_CREATE, &attr)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_PIN` of a map, program or link fd at `path` (on a bpffs).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let name = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let ptr = name.as_ptr() as u64;
+    let mut attr: Attr = [0; 32];
+    attr[0] = ptr as u32;
+    attr[1] = (ptr >> 32) as u32;
+    attr[2] = fd.as_raw_fd() as u32;
+    bpf(BPF_OBJ_PIN, &attr).map(drop)
+}
