@@ -4,7 +4,9 @@
 //! inserting or reordering any line breaks every `chain` after it;
 //! `portcullis verify-log` finds the first broken line. Only cutting off the
 //! tail cannot be seen from the file alone: ship the lines off the host (or
-//! compare with `portcullis_decisions_logged_total`) to anchor it.
+//! compare with `portcullis_decisions_logged_total`) to anchor it. The chain
+//! alone has no key: see `trail.rs` for the signed checkpoints that make a
+//! recomputed chain detectable.
 //!
 //! The chain survives restarts and rotation: a new agent resumes from the
 //! last line of the decision file (or of `FILE.1` right after a rotation).
@@ -126,6 +128,11 @@ impl Chain {
         self.seq
     }
 
+    /// The head after the last sealed line, as the `chain` field shows it.
+    pub fn head_hex(&self) -> String {
+        hex(&self.head)
+    }
+
     /// Resumes after the last sealed line of the decision file at `path`
     /// (or of `path.1` when `path` is empty or missing, as right after a
     /// rotation). Unreadable or unsealed files start a new chain.
@@ -167,16 +174,26 @@ fn last_line(path: &Path) -> Option<String> {
 /// rotated away is anchored at its first line. Returns the number of lines
 /// and the first `seq`.
 pub fn verify(files: &[PathBuf]) -> Result<(usize, u64), (PathBuf, ChainError)> {
+    verify_with(files, |_, _, _| Ok(())).map(|(lines, first, _)| (lines, first))
+}
+
+/// [`verify`], calling `each(line number, line, chain before it)` on every
+/// line first (`None` before an anchored first line, whose predecessor is
+/// gone). Returns the number of lines, the first and the last `seq`.
+pub fn verify_with<E: From<ChainError>>(
+    files: &[PathBuf],
+    mut each: impl FnMut(usize, &str, Option<&Chain>) -> Result<(), E>,
+) -> Result<(usize, u64, u64), (PathBuf, E)> {
     let mut chain = Chain::default();
     let (mut count, mut first) = (0usize, 0u64);
     for file in files {
         let text = std::fs::read_to_string(file).map_err(|_| {
             (
                 file.clone(),
-                ChainError::Malformed {
+                E::from(ChainError::Malformed {
                     line: 0,
                     reason: "unreadable file",
-                },
+                }),
             )
         })?;
         for (i, line) in text
@@ -185,16 +202,17 @@ pub fn verify(files: &[PathBuf]) -> Result<(usize, u64), (PathBuf, ChainError)> 
             .filter(|(_, l)| !l.trim().is_empty())
         {
             let anchor = count == 0 && !line.contains("\"seq\":1,");
+            each(i + 1, line, (!anchor).then_some(&chain)).map_err(|e| (file.clone(), e))?;
             chain
                 .check(i + 1, line, anchor)
-                .map_err(|e| (file.clone(), e))?;
+                .map_err(|e| (file.clone(), E::from(e)))?;
             if count == 0 {
                 first = chain.seq();
             }
             count += 1;
         }
     }
-    Ok((count, first))
+    Ok((count, first, chain.seq()))
 }
 
 #[cfg(test)]

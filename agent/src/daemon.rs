@@ -31,6 +31,7 @@ use crate::{
     node_devices::NodeDevices,
     pin, pod,
     policy::{self, Policy},
+    trail::Signer,
 };
 
 /// How long a replaced generation's rules stay in the maps after the flip: a
@@ -55,6 +56,8 @@ pub enum DaemonError {
     Loader(#[from] loader::LoaderError),
     #[error(transparent)]
     Maps(#[from] crate::maps::MapsError),
+    #[error(transparent)]
+    Trail(#[from] crate::trail::TrailError),
     #[error(transparent)]
     Compile(#[from] compile::CompileError),
     #[error(transparent)]
@@ -81,6 +84,8 @@ pub struct Config {
     pub decisions_rotation: events::Rotation,
     /// Capacities of the kernel maps.
     pub map_sizes: MapSizes,
+    /// Signed checkpoints of the decision trail; `None` leaves it unsigned.
+    pub trail: Option<TrailConfig>,
     /// procfs to read the node's device classes from (`/proc`; the tests
     /// point it at a stand-in for a GPU node).
     pub host_proc: PathBuf,
@@ -105,6 +110,14 @@ pub struct Config {
     pub detach_on_exit: bool,
     /// Where pod metadata comes from (CRI socket, kubelet root).
     pub pods: pod::ResolverConfig,
+}
+
+/// `--trail-key` and when to sign (see `trail`).
+#[derive(Debug, Clone)]
+pub struct TrailConfig {
+    pub key: PathBuf,
+    pub every_lines: u64,
+    pub every: Duration,
 }
 
 /// The policy generation in force and what owns it.
@@ -628,7 +641,20 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     release_free_memory();
 
     let (mkdir_tx, mut mkdir_rx) = mpsc::unbounded_channel();
-    let sink = Sink::open(cfg.decisions_file.clone(), cfg.decisions_rotation)?;
+    let signer = match &cfg.trail {
+        Some(t) => {
+            let s = Signer::load(&t.key, t.every_lines, t.every)?;
+            tracing::info!(public_key = s.public_key(), "signing trail checkpoints");
+            Some(s)
+        }
+        None => {
+            tracing::warn!(
+                "no --trail-key: the decision trail is hash-chained but unsigned, so whoever can write it can recompute it"
+            );
+            None
+        }
+    };
+    let sink = Sink::open(cfg.decisions_file.clone(), cfg.decisions_rotation, signer)?;
     let reader = tokio::spawn(events::run(
         ring,
         Arc::clone(&state.names),

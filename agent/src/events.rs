@@ -9,6 +9,7 @@ use std::{
     net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -25,6 +26,7 @@ use crate::{
     compile::Compiled,
     generations::{Generations, Names},
     loader::Backend,
+    trail::Signer,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -129,10 +131,12 @@ pub struct Rotation {
     pub keep: u32,
 }
 
-/// Where decision lines go, each sealed into the hash chain (`chain.rs`).
+/// Where decision lines go, each sealed into the hash chain (`chain.rs`),
+/// with signed checkpoints between them when a key is given (`trail.rs`).
 pub struct Sink {
     out: Out,
     chain: Chain,
+    signer: Option<Signer>,
 }
 
 enum Out {
@@ -168,11 +172,16 @@ fn numbered(path: &Path, n: u32) -> PathBuf {
 }
 
 impl Sink {
-    pub fn open(path: Option<PathBuf>, rotation: Rotation) -> Result<Self, EventsError> {
+    pub fn open(
+        path: Option<PathBuf>,
+        rotation: Rotation,
+        signer: Option<Signer>,
+    ) -> Result<Self, EventsError> {
         let Some(path) = path else {
             return Ok(Self {
                 out: Out::Stdout,
                 chain: Chain::default(),
+                signer,
             });
         };
         let (file, size) = open_append(&path)?;
@@ -185,6 +194,7 @@ impl Sink {
                 rotation,
             },
             chain,
+            signer,
         })
     }
 
@@ -204,7 +214,45 @@ impl Sink {
         open_append(path)
     }
 
-    fn write_line(&mut self, line: &str) -> Result<(), EventsError> {
+    /// Writes one decision line, and a checkpoint when one is due by
+    /// count; a file about to rotate gets its checkpoint first, so every
+    /// rotated file ends signed.
+    pub fn write_line(&mut self, line: &str) -> Result<(), EventsError> {
+        if let Out::File { size, rotation, .. } = &self.out {
+            // A sealed line is the line plus ~100 bytes of seq and chain.
+            let len = line.len() as u64 + 100;
+            if rotation.max_bytes > 0 && *size > 0 && *size + len > rotation.max_bytes {
+                self.checkpoint(false)?;
+            }
+        }
+        self.emit(line, true)?;
+        if self.signer.as_mut().is_some_and(Signer::wrote) {
+            self.checkpoint(true)?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint when lines wait for one and its interval has passed.
+    pub fn tick(&mut self) -> Result<(), EventsError> {
+        if self.signer.as_ref().is_some_and(Signer::due_by_time) {
+            self.checkpoint(true)?;
+        }
+        Ok(())
+    }
+
+    /// Signs the chain so far, if a key is set and lines wait.
+    fn checkpoint(&mut self, may_rotate: bool) -> Result<(), EventsError> {
+        let Some(signer) = self.signer.as_mut().filter(|s| s.pending()) else {
+            return Ok(());
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let line = signer.checkpoint(&self.chain, &rfc3339(now));
+        self.emit(&line, may_rotate)
+    }
+
+    fn emit(&mut self, line: &str, may_rotate: bool) -> Result<(), EventsError> {
         let line = &self.chain.seal(line);
         let (res, path) = match &mut self.out {
             Out::Stdout => {
@@ -221,7 +269,11 @@ impl Sink {
                 rotation,
             } => {
                 let len = line.len() as u64 + 1;
-                if rotation.max_bytes > 0 && *size > 0 && *size + len > rotation.max_bytes {
+                if may_rotate
+                    && rotation.max_bytes > 0
+                    && *size > 0
+                    && *size + len > rotation.max_bytes
+                {
                     (*file, *size) = Self::rotate(path, rotation.keep)?;
                 }
                 let res = writeln!(file, "{line}");
@@ -232,6 +284,15 @@ impl Sink {
             }
         };
         res.map_err(|source| EventsError::Write { path, source })
+    }
+}
+
+impl Drop for Sink {
+    /// A clean shutdown (the reader task dropped) signs what is left.
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint(false) {
+            tracing::warn!(error = %e, "final trail checkpoint not written");
+        }
     }
 }
 
@@ -502,7 +563,16 @@ pub async fn run(
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| EventsError::Watch(std::io::Error::other(e.to_string())))?;
     loop {
-        let mut guard = fd.readable_mut().await.map_err(EventsError::Watch)?;
+        // Wakes at least once a second, so a checkpoint due by time is
+        // written even when no event comes.
+        let ready = tokio::time::timeout(Duration::from_secs(1), fd.readable_mut()).await;
+        let Ok(ready) = ready else {
+            if let Err(e) = sink.tick() {
+                tracing::warn!(error = %e, "trail checkpoint not written");
+            }
+            continue;
+        };
+        let mut guard = ready.map_err(EventsError::Watch)?;
         let ring = guard.get_inner_mut();
         let snapshot = names.read().map(|n| n.clone()).unwrap_or_default();
         let mut batch = 0;
@@ -546,6 +616,11 @@ pub async fn run(
                 break;
             }
         }
+        if batch < READ_BATCH {
+            // Drained: replaced generations' names may go (see
+            // `Generations::publish`).
+            snapshot.mark_caught_up();
+        }
         if batch == READ_BATCH {
             // A flood refills the ring as fast as it drains: without a pause
             // this task would never yield, starving the tasks queued on its
@@ -577,7 +652,7 @@ mod tests {
             max_bytes: 220,
             keep: 2,
         };
-        let mut sink = Sink::open(Some(path.clone()), rotation).unwrap();
+        let mut sink = Sink::open(Some(path.clone()), rotation, None).unwrap();
         for i in 0..7 {
             sink.write_line(&format!("{{\"i\":{i}}}")).unwrap();
         }
@@ -598,7 +673,7 @@ mod tests {
         assert!(!numbered(&path, 3).exists(), "only `keep` rotated files");
         // Reopening appends, counts what is there and continues the chain.
         drop(sink);
-        let mut sink = Sink::open(Some(path.clone()), rotation).unwrap();
+        let mut sink = Sink::open(Some(path.clone()), rotation, None).unwrap();
         sink.write_line("{\"i\":7}").unwrap();
         assert_eq!(ids(path.clone()), [6, 7]);
         let files = [numbered(&path, 2), numbered(&path, 1), path.clone()];

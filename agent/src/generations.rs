@@ -11,18 +11,25 @@
 //! unknown, never under another generation's names.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::compile::{Compiled, RuleInfo};
 
-/// Generations kept in memory and on disk. The reader drains the ring
-/// buffer within milliseconds; a restart needs only the last few.
-const KEEP: usize = 16;
+/// A replaced generation's names are dropped once the reader has drained
+/// the ring buffer this long after the replacement (more than the maps'
+/// retirement grace, during which a hook may still decide under it).
+const GRACE: Duration = Duration::from_secs(2);
+/// At most this many generations in memory, when the reader lags behind a
+/// reload storm (older ones are then logged as unknown, never misnamed).
+const MAX_KEPT: usize = 256;
+/// The newest generations always kept on disk, for the next instance.
+const KEEP_ON_DISK: usize = 16;
 
 /// What naming one generation's events takes.
 #[derive(Debug, Default)]
@@ -68,8 +75,18 @@ pub struct Generations {
     /// The generation in force: also the workload tables (cgroup paths,
     /// pods) every line is decorated with.
     pub current: Arc<Compiled>,
-    recent: BTreeMap<u32, Arc<Names>>,
+    recent: BTreeMap<u32, Kept>,
     dir: Option<PathBuf>,
+    /// When the reader last found the ring buffer empty (shared with the
+    /// reader's snapshots).
+    caught_up: Arc<Mutex<Option<Instant>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Kept {
+    names: Arc<Names>,
+    /// When another generation replaced this one.
+    replaced: Option<Instant>,
 }
 
 impl Generations {
@@ -92,12 +109,30 @@ impl Generations {
     /// lock the reader takes, since at 100 000 rules the file is large.
     #[must_use]
     pub fn publish(&mut self, c: Arc<Compiled>) -> Store {
+        let now = Instant::now();
+        if self.current.generation != c.generation
+            && let Some(old) = self.recent.get_mut(&self.current.generation)
+        {
+            old.replaced = Some(now);
+        }
         let names = Arc::new(Names::of(&c));
+        let kept = Kept {
+            names: Arc::clone(&names),
+            replaced: None,
+        };
         let with_rules = self
             .recent
-            .insert(c.generation, Arc::clone(&names))
-            .is_none_or(|old| !Arc::ptr_eq(&old.rules, &names.rules));
-        while self.recent.len() > KEEP {
+            .insert(c.generation, kept)
+            .is_none_or(|old| !Arc::ptr_eq(&old.names.rules, &names.rules));
+        // Drop what no unread event can need: replaced, and the reader has
+        // been caught up since the grace period after that.
+        let caught_up = *self.caught_up.lock().unwrap_or_else(|e| e.into_inner());
+        self.recent.retain(|_, k| {
+            !k.replaced
+                .zip(caught_up)
+                .is_some_and(|(r, up)| up > r + GRACE)
+        });
+        while self.recent.len() > MAX_KEPT {
             self.recent.pop_first();
         }
         self.current = c;
@@ -105,7 +140,13 @@ impl Generations {
             dir: self.dir.clone(),
             names,
             with_rules,
+            keep: self.recent.keys().copied().collect(),
         }
+    }
+
+    /// Called by the reader whenever it has drained the ring buffer.
+    pub fn mark_caught_up(&self) {
+        *self.caught_up.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
     /// The names of `generation`, from memory or from what an earlier
@@ -115,8 +156,8 @@ impl Generations {
         generation: u32,
         cache: &mut BTreeMap<u32, Option<Arc<Names>>>,
     ) -> Option<Arc<Names>> {
-        if let Some(n) = self.recent.get(&generation) {
-            return Some(Arc::clone(n));
+        if let Some(k) = self.recent.get(&generation) {
+            return Some(Arc::clone(&k.names));
         }
         let dir = self.dir.as_deref()?;
         cache
@@ -131,6 +172,8 @@ pub struct Store {
     dir: Option<PathBuf>,
     names: Arc<Names>,
     with_rules: bool,
+    /// Generations still kept in memory (their files stay too).
+    keep: BTreeSet<u32>,
 }
 
 impl Store {
@@ -138,7 +181,7 @@ impl Store {
     /// events after a restart, and is logged.
     pub fn run(self) {
         if let Some(dir) = &self.dir {
-            if let Err(e) = store(dir, &self.names, self.with_rules) {
+            if let Err(e) = store(dir, &self.names, self.with_rules, &self.keep) {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not store the generation's names; its events are unnamed after a restart");
             }
         }
@@ -165,7 +208,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn store(dir: &Path, n: &Names, with_rules: bool) -> std::io::Result<()> {
+fn store(dir: &Path, n: &Names, with_rules: bool, keep: &BTreeSet<u32>) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let g = n.generation;
     if with_rules {
@@ -188,7 +231,8 @@ fn store(dir: &Path, n: &Names, with_rules: bool) -> std::io::Result<()> {
         )?;
         let mut all = stored(dir);
         all.sort_unstable();
-        for old in all.iter().take(all.len().saturating_sub(KEEP)) {
+        let old = all.len().saturating_sub(KEEP_ON_DISK);
+        for old in all[..old].iter().filter(|g| !keep.contains(g)) {
             let _ = std::fs::remove_file(dir.join(format!("{old}.rules.json")));
             let _ = std::fs::remove_file(dir.join(format!("{old}.identities.json")));
         }

@@ -20,4 +20,5 @@ pub mod pin;
 pub mod pod;
 pub mod policy;
 pub mod slots;
+pub mod trail;
 pub mod verifier;

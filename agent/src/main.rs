@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use portcullis::{chain, daemon, pin, pod, policy};
+use portcullis::{chain, daemon, pin, pod, policy, trail};
 
 #[derive(Parser)]
 #[command(version, about = "Host access enforcement for Linux workloads (eBPF)")]
@@ -51,6 +51,17 @@ enum Command {
         /// majors); a stand-in tree for tests.
         #[arg(long, default_value = "/proc", hide = true)]
         host_proc: PathBuf,
+        /// Sign the chain head with this ed25519 key (from `portcullis
+        /// keygen`) in checkpoint lines of the trail. Keep it where governed
+        /// workloads cannot read it (a Secret mounted into the agent only).
+        #[arg(long)]
+        trail_key: Option<PathBuf>,
+        /// Checkpoint after this many lines.
+        #[arg(long, default_value_t = 1000)]
+        checkpoint_lines: u64,
+        /// Checkpoint after this many seconds when lines were written since.
+        #[arg(long, default_value_t = 10.0)]
+        checkpoint_interval: f64,
         /// Capacity of one policy map, `MAP=N` (repeatable; MAP as in the
         /// `portcullis_map_capacity` metric, e.g. `identities=131072`).
         #[arg(long = "map-capacity", value_name = "MAP=N")]
@@ -101,6 +112,17 @@ enum Command {
     VerifyLog {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Also check every signed checkpoint against this public key
+        /// (`KEY.pub` from `portcullis keygen`); fails without one.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// Make an ed25519 key for signing trail checkpoints: the key at OUT
+    /// (mode 0600, for `run --trail-key`) and its public key at OUT.pub (for
+    /// `verify-log --public-key`).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Remove everything the agent pinned: programs detach, enforcement stops.
     Uninstall {
@@ -114,6 +136,15 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+}
+
+/// Where a verified trail starts.
+fn anchored(first_seq: u64) -> String {
+    if first_seq <= 1 {
+        "from the first line".to_owned()
+    } else {
+        format!("anchored at seq {first_seq}")
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -146,18 +177,69 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::VerifyLog { files } => match chain::verify(&files) {
+        Command::VerifyLog {
+            files,
+            public_key: None,
+        } => match chain::verify(&files) {
             Ok((lines, first)) => {
-                let from = if first <= 1 {
-                    "from the first decision".to_owned()
-                } else {
-                    format!("anchored at seq {first}")
-                };
-                println!("ok: {lines} decision lines, chain intact ({from})");
+                println!(
+                    "ok: {lines} lines, chain intact ({}); checkpoints not checked: give --public-key to tell a recomputed chain from the agent's",
+                    anchored(first)
+                );
                 ExitCode::SUCCESS
             }
             Err((file, e)) => {
                 eprintln!("{}: {e}", file.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::VerifyLog {
+            files,
+            public_key: Some(key),
+        } => {
+            let key = match trail::load_public(&key) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("portcullis verify-log: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match trail::verify(&files, &key) {
+                Ok(s) if s.checkpoints == 0 => {
+                    eprintln!(
+                        "{} lines, chain intact, but no checkpoint signed by this key: nothing proves the agent wrote them",
+                        s.lines
+                    );
+                    ExitCode::FAILURE
+                }
+                Ok(s) => {
+                    println!(
+                        "ok: {} lines, chain intact ({}), {} checkpoints signed by this key; signed up to seq {}, {} lines after it not signed yet",
+                        s.lines,
+                        anchored(s.first_seq),
+                        s.checkpoints,
+                        s.covered_seq,
+                        s.unsigned
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err((file, e)) => {
+                    eprintln!("{}: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Keygen { out } => match trail::keygen(&out) {
+            Ok(public) => {
+                println!(
+                    "wrote the signing key to {} (mode 0600) and the public key {public} to {}.pub",
+                    out.display(),
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portcullis keygen: {:#}", anyhow::Error::from(e));
                 ExitCode::FAILURE
             }
         },
@@ -182,6 +264,9 @@ fn main() -> ExitCode {
             decisions_keep,
             generations_dir,
             map_capacity,
+            trail_key,
+            checkpoint_lines,
+            checkpoint_interval,
             host_proc,
             force_fallback,
             require_hooks,
@@ -220,6 +305,11 @@ fn main() -> ExitCode {
                 },
                 generations_dir,
                 map_sizes,
+                trail: trail_key.map(|key| daemon::TrailConfig {
+                    key,
+                    every_lines: checkpoint_lines,
+                    every: Duration::from_secs_f64(checkpoint_interval.max(0.1)),
+                }),
                 host_proc,
                 force_fallback,
                 require_hooks,

@@ -336,6 +336,13 @@ impl Agent {
         nix::sys::signal::kill(pid, sig).expect("signalling the agent");
     }
 
+    /// Stops the agent with SIGTERM (a clean shutdown) and waits for it;
+    /// its directory stays until drop.
+    pub fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+
     /// Kills the agent with SIGKILL (no cleanup runs) and waits for it.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
