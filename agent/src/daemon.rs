@@ -259,6 +259,15 @@ impl State {
         }
     }
 
+    fn names_mut(&self) -> std::sync::RwLockWriteGuard<'_, Generations> {
+        self.names.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// See [`Generations::announce`].
+    fn announce(&self, c: &Compiled) {
+        self.names_mut().announce(c);
+    }
+
     fn publish(&mut self, mut compiled: Compiled) {
         // Warnings are logged once, by the compile that found them; cgroups
         // classified later republish the same generation.
@@ -271,11 +280,7 @@ impl State {
             .max()
             .map_or(self.next_identity, |m| m + 1);
         self.compiled = Arc::new(compiled);
-        let store = self
-            .names
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .publish(Arc::clone(&self.compiled));
+        let store = self.names_mut().publish(Arc::clone(&self.compiled));
         store.run();
         for ((name, n), cap) in self
             .compiled
@@ -326,7 +331,12 @@ impl State {
             .and_then(|new| {
                 compile_ms = lap();
                 self.make_room(&new);
-                match self.maps.apply(Some(&self.compiled), &new) {
+                self.announce(&new);
+                let applied = self.maps.apply(Some(&self.compiled), &new);
+                if applied.is_err() {
+                    self.names_mut().withdraw(new.generation);
+                }
+                match applied {
                     Ok(()) => Ok(new),
                     Err(e @ MapsError::Flip { .. }) => {
                         // Undone, but its rules are in the maps and a hook
@@ -433,6 +443,9 @@ impl State {
             }
             id
         };
+        // The reader must know a new identity's names before the kernel
+        // can decide under it.
+        self.announce(&compiled);
         if let Err(e) = self.maps.set_cgroup(cg.id, identity) {
             tracing::error!(cgroup = %cg.path, error = %e, "cannot classify new cgroup");
             return;
@@ -604,6 +617,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         state.numbering(),
         Arc::new(NodeDevices::discover(&cfg.host_proc)),
     )?);
+    state.announce(&first);
     state.maps.apply(adopted.as_ref(), &first)?;
     if let Some(old) = adopted {
         state.schedule_retire(Arc::new(old));

@@ -574,7 +574,7 @@ pub async fn run(
         };
         let mut guard = ready.map_err(EventsError::Watch)?;
         let ring = guard.get_inner_mut();
-        let snapshot = names.read().map(|n| n.clone()).unwrap_or_default();
+        let mut snapshot = names.read().map(|n| n.clone()).unwrap_or_default();
         let mut batch = 0;
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<Event>() {
@@ -592,7 +592,17 @@ pub async fn run(
                         0 => snapshot.current.generation,
                         g => g,
                     };
-                    let gen_names = snapshot.names(generation, &mut stored);
+                    let mut gen_names = snapshot.names(generation, &mut stored);
+                    let named = |n: &Option<Arc<Names>>| {
+                        n.as_ref()
+                            .is_some_and(|n| n.identity_policies.contains_key(&ev.identity))
+                    };
+                    if ev.generation != 0 && !named(&gen_names) {
+                        // Announced since this batch began: a flip, or a
+                        // new cgroup's identity, while the batch was read.
+                        snapshot = names.read().map(|n| n.clone()).unwrap_or_default();
+                        gen_names = snapshot.names(generation, &mut stored);
+                    }
                     let record = decode(&ev, gen_names.as_deref(), &snapshot.current, epoch);
                     let line = serde_json::to_string(&record).unwrap_or_default();
                     match sink.write_line(&line) {

@@ -87,6 +87,8 @@ struct Kept {
     names: Arc<Names>,
     /// When another generation replaced this one.
     replaced: Option<Instant>,
+    /// The rule table last written to disk for it.
+    stored_rules: Option<Arc<Vec<RuleInfo>>>,
 }
 
 impl Generations {
@@ -116,14 +118,19 @@ impl Generations {
             old.replaced = Some(now);
         }
         let names = Arc::new(Names::of(&c));
-        let kept = Kept {
-            names: Arc::clone(&names),
-            replaced: None,
-        };
         let with_rules = self
             .recent
-            .insert(c.generation, kept)
-            .is_none_or(|old| !Arc::ptr_eq(&old.names.rules, &names.rules));
+            .get(&c.generation)
+            .and_then(|k| k.stored_rules.as_ref())
+            .is_none_or(|r| !Arc::ptr_eq(r, &names.rules));
+        self.recent.insert(
+            c.generation,
+            Kept {
+                names: Arc::clone(&names),
+                replaced: None,
+                stored_rules: Some(Arc::clone(&names.rules)),
+            },
+        );
         // Drop what no unread event can need: replaced, and the reader has
         // been caught up since the grace period after that.
         let caught_up = *self.caught_up.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,6 +148,36 @@ impl Generations {
             names,
             with_rules,
             keep: self.recent.keys().copied().collect(),
+        }
+    }
+
+    /// Makes `c`'s names known before the kernel can decide under it: before
+    /// the flip, and before a new cgroup points at a new identity. The
+    /// reader may read such an event before `publish`.
+    pub fn announce(&mut self, c: &Compiled) {
+        let names = Arc::new(Names::of(c));
+        match self.recent.get_mut(&c.generation) {
+            Some(k) => k.names = names,
+            None => {
+                self.recent.insert(
+                    c.generation,
+                    Kept {
+                        names,
+                        replaced: None,
+                        stored_rules: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// An announced generation that never went into force (its flip
+    /// failed): its names go like a replaced generation's.
+    pub fn withdraw(&mut self, generation: u32) {
+        if generation != self.current.generation
+            && let Some(k) = self.recent.get_mut(&generation)
+        {
+            k.replaced = Some(Instant::now());
         }
     }
 

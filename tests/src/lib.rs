@@ -185,6 +185,32 @@ pub fn probe_dir(cgroup_dir: &Path, uid: Option<u32>, args: &[&str]) -> Outcome 
     }
 }
 
+/// Runs the probe's `hammer` op in `cg` on a thread: for `secs` seconds an
+/// allowed connect to 127.0.0.1:`allowed`, a denied one to `denied` and an
+/// allowed read of `file`; the thread returns the probe's output.
+pub fn spawn_hammer(
+    cg: std::sync::Arc<Cgroup>,
+    secs: u64,
+    allowed: u16,
+    denied: u16,
+    file: String,
+) -> std::thread::JoinHandle<std::process::Output> {
+    std::thread::spawn(move || {
+        probe_output(
+            &cg,
+            &[
+                "hammer",
+                &secs.to_string(),
+                "127.0.0.1",
+                &allowed.to_string(),
+                "127.0.0.1",
+                &denied.to_string(),
+                &file,
+            ],
+        )
+    })
+}
+
 /// Runs the probe in `cg` and returns its raw output (for ops with their
 /// own report, e.g. `hammer`).
 pub fn probe_output(cg: &Cgroup, args: &[&str]) -> std::process::Output {

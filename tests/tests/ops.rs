@@ -12,7 +12,7 @@ use std::{
 
 use portcullis_tests::{
     Agent, Cgroup, EPERM, Listener, Outcome, TempDir, agent_cli, pin_dir, pin_hash_map,
-    policy_header, probe, probe_output, require_kernel,
+    policy_header, probe, require_kernel, spawn_hammer,
 };
 
 /// Removes a pin directory on drop (`portcullis uninstall`), so a failed
@@ -268,28 +268,7 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
             }
         })
     };
-    let hammer = {
-        let (cg, allowed, denied, open) = (
-            cg.clone(),
-            allowed.port.to_string(),
-            denied.port.to_string(),
-            open.clone(),
-        );
-        std::thread::spawn(move || {
-            probe_output(
-                &cg,
-                &[
-                    "hammer",
-                    &secs.to_string(),
-                    "127.0.0.1",
-                    &allowed,
-                    "127.0.0.1",
-                    &denied,
-                    &open,
-                ],
-            )
-        })
-    };
+    let hammer = spawn_hammer(cg.clone(), secs, allowed.port, denied.port, open.clone());
 
     let mut reloads = 0;
     let start = std::time::Instant::now();

@@ -1145,6 +1145,38 @@ impl<'a> Cx<'a> {
         }
     }
 
+    /// `log` and `until` of a rule: valid on allow rules only.
+    fn allow_only(
+        &mut self,
+        f: &Fields<'_>,
+        is_allow: bool,
+    ) -> (Option<bool>, Option<Option<i64>>) {
+        let log = match f.get("log") {
+            Some(l) if !is_allow => {
+                self.err(
+                    l.referenced,
+                    &f.path("log"),
+                    "log is only valid on allow rules (denies are always logged)",
+                );
+                None
+            }
+            Some(l) => self.boolean(l, &f.path("log")),
+            None => Some(false),
+        };
+        let until = match f.get("until") {
+            Some(u) if !is_allow => {
+                self.err(
+                    u.referenced,
+                    &f.path("until"),
+                    "until is only valid on allow rules (a time-bound approval); a deny never lapses",
+                );
+                None
+            }
+            _ => self.until(f),
+        };
+        (log, until)
+    }
+
     fn egress(&mut self, at: Location, n: &SNode) -> Option<EgressRules> {
         let mut f = self.map(
             n,
@@ -1229,30 +1261,7 @@ impl<'a> Cx<'a> {
             None => Some(None),
         };
 
-        let log = match f.get("log") {
-            Some(l) if !is_allow => {
-                self.err(
-                    l.referenced,
-                    &f.path("log"),
-                    "log is only valid on allow rules (denies are always logged)",
-                );
-                None
-            }
-            Some(l) => self.boolean(l, &f.path("log")),
-            None => Some(false),
-        };
-
-        let until = match f.get("until") {
-            Some(u) if !is_allow => {
-                self.err(
-                    u.referenced,
-                    &f.path("until"),
-                    "until is only valid on allow rules (a time-bound approval); a deny never lapses",
-                );
-                None
-            }
-            _ => self.until(&f),
-        };
+        let (log, until) = self.allow_only(&f, is_allow);
 
         if self.errors.len() != before {
             return None;

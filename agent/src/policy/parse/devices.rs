@@ -125,29 +125,7 @@ impl Cx<'_> {
             None => Some(ALL_ACCESS),
             Some(a) => self.device_access(a, &f.path("access")),
         };
-        let log = match f.get("log") {
-            Some(l) if !is_allow => {
-                self.err(
-                    l.referenced,
-                    &f.path("log"),
-                    "log is only valid on allow rules (denies are always logged)",
-                );
-                None
-            }
-            Some(l) => self.boolean(l, &f.path("log")),
-            None => Some(false),
-        };
-        let until = match f.get("until") {
-            Some(u) if !is_allow => {
-                self.err(
-                    u.referenced,
-                    &f.path("until"),
-                    "until is only valid on allow rules (a time-bound approval); a deny never lapses",
-                );
-                None
-            }
-            _ => self.until(&f),
-        };
+        let (log, until) = self.allow_only(&f, is_allow);
         if self.errors.len() != before {
             return None;
         }
