@@ -523,6 +523,20 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             count: errors.len(),
         }
     })?;
+    // A bad key stops the start before anything is loaded or pinned.
+    let signer = match &cfg.trail {
+        Some(t) => {
+            let s = Signer::load(&t.key, t.every_lines, t.every)?;
+            tracing::info!(public_key = s.public_key(), "signing trail checkpoints");
+            Some(s)
+        }
+        None => {
+            tracing::warn!(
+                "no --trail-key: the decision trail is hash-chained but unsigned, so whoever can write it can recompute it"
+            );
+            None
+        }
+    };
     let root = cgroup::v2_root()?;
     tracing::info!(cgroup_root = %root.display(), policies = policies.len(), "starting");
     let mut kernel = loader::load(&LoadOptions {
@@ -655,19 +669,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     release_free_memory();
 
     let (mkdir_tx, mut mkdir_rx) = mpsc::unbounded_channel();
-    let signer = match &cfg.trail {
-        Some(t) => {
-            let s = Signer::load(&t.key, t.every_lines, t.every)?;
-            tracing::info!(public_key = s.public_key(), "signing trail checkpoints");
-            Some(s)
-        }
-        None => {
-            tracing::warn!(
-                "no --trail-key: the decision trail is hash-chained but unsigned, so whoever can write it can recompute it"
-            );
-            None
-        }
-    };
     let sink = Sink::open(cfg.decisions_file.clone(), cfg.decisions_rotation, signer)?;
     let reader = tokio::spawn(events::run(
         ring,
