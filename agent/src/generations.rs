@@ -135,9 +135,9 @@ impl Generations {
         // been caught up since the grace period after that.
         let caught_up = *self.caught_up.lock().unwrap_or_else(|e| e.into_inner());
         self.recent.retain(|_, k| {
-            !k.replaced
+            k.replaced
                 .zip(caught_up)
-                .is_some_and(|(r, up)| up > r + GRACE)
+                .is_none_or(|(r, up)| up <= r + GRACE)
         });
         while self.recent.len() > MAX_KEPT {
             self.recent.pop_first();
@@ -217,10 +217,10 @@ impl Store {
     /// Best effort: a failure costs only the naming of this generation's
     /// events after a restart, and is logged.
     pub fn run(self) {
-        if let Some(dir) = &self.dir {
-            if let Err(e) = store(dir, &self.names, self.with_rules, &self.keep) {
-                tracing::warn!(dir = %dir.display(), error = %e, "could not store the generation's names; its events are unnamed after a restart");
-            }
+        if let Some(dir) = &self.dir
+            && let Err(e) = store(dir, &self.names, self.with_rules, &self.keep)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not store the generation's names; its events are unnamed after a restart");
         }
     }
 }

@@ -733,18 +733,18 @@ spec:
 
     let connect = |pod: &Pod, port: u16| {
         exec(
-            &ctrd,
+            ctrd,
             pod,
             &format!("nc -w 2 127.0.0.1 {port} </dev/null; echo rc=$?"),
         )
     };
-    let open = |pod: &Pod| exec(&ctrd, pod, "cat /mnt/shared/secret.txt; echo rc=$?");
-    let run_forbidden = |pod: &Pod| exec(&ctrd, pod, "/mnt/shared/bin/true; echo rc=$?");
+    let open = |pod: &Pod| exec(ctrd, pod, "cat /mnt/shared/secret.txt; echo rc=$?");
+    let run_forbidden = |pod: &Pod| exec(ctrd, pod, "/mnt/shared/bin/true; echo rc=$?");
 
     let first = |pod: &Pod| {
         let start = Instant::now();
         loop {
-            let out = exec(&ctrd, pod, "cat /tmp/first 2>/dev/null");
+            let out = exec(ctrd, pod, "cat /tmp/first 2>/dev/null");
             if out.contains("rc=") || start.elapsed() > Duration::from_secs(10) {
                 return out;
             }

@@ -146,8 +146,11 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
 /// Only files that parsed without error are kept.
 #[derive(Default)]
 pub struct ParseCache {
-    files: HashMap<PathBuf, ([u8; 32], Vec<(Policy, Location)>)>,
+    files: HashMap<PathBuf, CachedFile>,
 }
+
+/// A parsed file: the SHA-256 of its text and its policies.
+type CachedFile = ([u8; 32], Vec<(Policy, Location)>);
 
 impl ParseCache {
     /// Files held.
@@ -693,10 +696,6 @@ impl<'a> Cx<'a> {
         Some((name, name_node.referenced))
     }
 
-    #[expect(
-        clippy::type_complexity,
-        reason = "private tuple consumed once, in `policy`"
-    )]
     fn spec(&mut self, at: Location, n: &SNode) -> Option<Spec> {
         let mut f = self.map(
             n,
