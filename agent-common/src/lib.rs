@@ -7,6 +7,7 @@
 
 use core::mem::size_of;
 
+pub mod decide;
 mod device;
 pub use device::*;
 
@@ -160,9 +161,9 @@ pub const RULE_ID_DEFAULT: u32 = 0;
 /// `MAX_PATH_DEPTH` levels below its filesystem root, so the rules above it
 /// were not all seen.
 pub const RULE_ID_TOO_DEEP: u32 = u32::MAX;
-/// `rule_id` of a deny no rule made: another task took this CPU's walk
-/// state mid-walk (see the kernel's `inode::Walk::owner`).
-pub const RULE_ID_RACED: u32 = u32::MAX - 1;
+/// `rule_id` of a deny no rule made: every walk slot of this CPU was held
+/// by a walk preempted mid-way (see the kernel's `inode::claim`).
+pub const RULE_ID_NO_WALK_SLOT: u32 = u32::MAX - 1;
 
 pub const COUNTER_LOST_EVENTS: u32 = 0;
 pub const COUNTER_ERR_CONNECT: u32 = 1;

@@ -99,7 +99,9 @@ extern "C" fn uid_bit(i: u64, ctx: *mut c_void) -> i64 {
 #[inline(always)]
 pub fn config(identity: u32) -> Option<&'static IdentityConfig> {
     // SAFETY: a reference into the map value, not a copy: the config is
-    // too big for the 512-byte BPF stack. Map values stay valid for the
-    // whole program run (RCU), even if the agent deletes the entry.
+    // too big for the 512-byte BPF stack. The kernel recycles a deleted
+    // element of a preallocated hash map at once, so the agent deletes an
+    // identity's entries only after waiting out every running hook
+    // (`hook_barrier.rs`), and never rewrites a live one.
     unsafe { IDENTITY_CFG.get(&identity) }
 }

@@ -2,22 +2,24 @@
 //! backend: walk the dentry and its ancestors, look each (dev, ino) up in the
 //! rule map, combine.
 
-use core::ffi::c_void;
-
-use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes, generated::bpf_loop,
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg},
 };
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_loop};
 use portcullis_common::{
     COUNTER_ERR_EXEC, COUNTER_ERR_OPEN, EVENT_DECISION, EVENT_NAME_LEN, EVENT_NAMES, Event,
     INODE_RULES_PER_KEY, IdentityConfig, InodeKey, InodeRuleSet, KernelOffsets, MAX_PATH_DEPTH,
-    MODE_ENFORCE, RULE_ID_RACED, RULE_ID_TOO_DEEP, RULE_LOG_ALLOW, RULE_SUBTREE,
+    RULE_ID_NO_WALK_SLOT, RULE_ID_TOO_DEEP, decide::apply_inode_rule,
 };
 
 use crate::{
-    decision::{Decision, Hit, Matches, fail_closed, fill_common, fill_decision, reserve_decision},
+    decision::{Decision, Matches, fail_closed, fill_common, fill_decision, reserve_decision},
     kernel::{dentry_id, offsets, read_ptr},
     maps::{
-        EXEC_RULES, FILE_RULES, ONLY_FROM, WALKS, count, count_decision, count_policy_decision,
+        EXEC_RULES, FILE_RULES, ONLY_FROM, WALK_SLOTS, WALKS, count, count_decision,
+        count_policy_decision,
     },
 };
 
@@ -60,11 +62,10 @@ pub enum RuleMap {
 /// instructions. Map contents are unknown to the verifier, so the callback
 /// converges after one pass whatever the policy.
 pub struct Walk {
-    /// `pid_tgid` of the task that owns the walk. Programs run with
-    /// migration disabled, but a preemptible kernel could run another task's
-    /// walk on this CPU in between; `decide` checks the owner at the end and
-    /// fails closed when another walk took the slot.
-    owner: u64,
+    /// Non-zero while a walk holds the slot: set and cleared atomically, so
+    /// a walk preempted on this CPU keeps its state whatever other walks run
+    /// in between (see `claim`).
+    busy: u64,
     identity: u32,
     requested: u32,
     exe_dev: u32,
@@ -98,16 +99,16 @@ pub fn decide(
 ) -> Result<Outcome, i64> {
     let leaf = read_ptr(file, o.file_dentry)?;
     let (dev, ino) = dentry_id(o, leaf)?;
-    let slot = match map {
-        RuleMap::Exec => 0,
-        RuleMap::File => 1,
+    let Some(walk) = claim() else {
+        // More walks preempted on this CPU than there are slots: decided
+        // closed and counted, never walked in another task's state.
+        return Ok(raced(map, leaf, dev, ino));
     };
-    let walk = WALKS.get_ptr_mut(slot).ok_or(-1i64)?;
-    let owner = bpf_get_current_pid_tgid();
-    // SAFETY: `walk` is this CPU's slot of `WALKS`, live for the program run.
+    // SAFETY: `walk` is this CPU's slot of `WALKS`, claimed by this run and
+    // live for it.
     unsafe {
         *walk = Walk {
-            owner,
+            busy: 1,
             identity: req.identity,
             requested: req.requested,
             exe_dev: req.exe.0,
@@ -133,22 +134,10 @@ pub fn decide(
     };
     // SAFETY: as above.
     let w = unsafe { &*walk };
-    if w.owner != owner {
-        // Counted as the hook's internal error, but decided closed: letting
-        // a raced walk allow would let one thread free another's denial.
-        count(match map {
-            RuleMap::Exec => COUNTER_ERR_EXEC,
-            RuleMap::File => COUNTER_ERR_OPEN,
-        });
-        return Ok(Outcome {
-            decision: fail_closed(RULE_ID_RACED),
-            dentry: leaf,
-            dev,
-            ino,
-        });
-    }
     if w.err != 0 {
-        return Err(w.err);
+        let err = w.err;
+        release(walk);
+        return Err(err);
     }
     // Read back from the map, so the verifier cannot fold this test away
     // (see `Walk`).
@@ -157,12 +146,78 @@ pub fn decide(
     } else {
         w.m.finish(req.deny_enforce, req.deny_audit)
     };
+    release(walk);
     Ok(Outcome {
         decision,
         dentry: leaf,
         dev,
         ino,
     })
+}
+
+/// A free slot of this CPU's `WALKS`, claimed with a compare-and-swap (a
+/// plain test-then-set could be preempted between the two). The slots are
+/// tried in a `bpf_loop` callback, which the verifier checks once instead
+/// of once per slot.
+#[inline(always)]
+fn claim() -> Option<*mut Walk> {
+    let mut found: *mut Walk = core::ptr::null_mut();
+    // SAFETY: `claim_slot` only touches `found` through the pointer.
+    unsafe {
+        bpf_loop(
+            WALK_SLOTS,
+            claim_slot as *mut c_void,
+            (&mut found as *mut *mut Walk).cast(),
+            0,
+        )
+    };
+    (!found.is_null()).then_some(found)
+}
+
+#[inline(never)]
+extern "C" fn claim_slot(i: u64, ctx: *mut c_void) -> i64 {
+    let Some(walk) = WALKS.get_ptr_mut(i as u32) else {
+        return 1;
+    };
+    // SAFETY: `busy` is an aligned u64 in a live map value. The intrinsic,
+    // since the BPF target's `core` offers no atomic read-modify-write (BPF
+    // before v3 had none; this builds for v3).
+    let (_, claimed) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Acquire }, { AtomicOrdering::Relaxed }>(
+            &raw mut (*walk).busy,
+            0,
+            1,
+        )
+    };
+    if !claimed {
+        return 0;
+    }
+    // SAFETY: `ctx` is the caller's `found`.
+    unsafe { *(ctx as *mut *mut Walk) = walk };
+    1
+}
+
+#[inline(always)]
+fn release(walk: *mut Walk) {
+    // SAFETY: as in `claim`.
+    unsafe { atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*walk).busy, 0) };
+}
+
+/// The decision of a walk that could not keep its own state: counted as the
+/// hook's internal error, but decided closed, since letting it allow would
+/// let one thread free another's denial.
+#[inline(always)]
+fn raced(map: RuleMap, dentry: *const u8, dev: u32, ino: u64) -> Outcome {
+    count(match map {
+        RuleMap::Exec => COUNTER_ERR_EXEC,
+        RuleMap::File => COUNTER_ERR_OPEN,
+    });
+    Outcome {
+        decision: fail_closed(RULE_ID_NO_WALK_SLOT),
+        dentry,
+        dev,
+        ino,
+    }
 }
 
 /// One directory level: look (dev, ino) up, apply its rules, step to the
@@ -256,38 +311,16 @@ extern "C" fn inode_rule(i: u64, ctx: *mut c_void) -> i64 {
         return 1;
     }
     let r = &set.rules[i as usize];
-    let depth = w.depth;
-    if depth > 0 && r.flags & RULE_SUBTREE == 0 {
-        return 0;
-    }
-    let hit = Hit {
-        rule_id: r.rule_id,
-        policy_bit: r.policy_bit,
-        depth,
-    };
-    let denied = w.requested & !r.allow_mask != 0
-        || (r.only_from != 0 && {
-            let key = InodeKey {
-                identity: r.only_from,
-                dev: w.exe_dev,
-                ino: w.exe_ino,
-            };
-            ONLY_FROM.get_ptr(&key).is_none()
-        });
-    if denied {
-        w.m.deny(r.mode, hit);
-        // The first enforce deny decides; stop here rather than rely on
-        // `Matches::deny` keeping the first: verifiers before 6.7 take the
-        // state carried between iterations for its first-iteration value
-        // and drop that check, so later denies would overwrite the reported
-        // rule (seen on 6.1).
-        if r.mode == MODE_ENFORCE {
-            return 1;
-        }
-    } else {
-        w.m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
-    }
-    0
+    let (exe_dev, exe_ino) = (w.exe_dev, w.exe_ino);
+    let stop = apply_inode_rule(&mut w.m, r, w.depth, w.requested, |set| {
+        let key = InodeKey {
+            identity: set,
+            dev: exe_dev,
+            ino: exe_ino,
+        };
+        ONLY_FROM.get_ptr(&key).is_some()
+    });
+    stop as i64
 }
 
 /// Counts the decision and, when it should be logged, emits its event with

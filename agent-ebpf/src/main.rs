@@ -3,6 +3,10 @@
 //! and `inode.rs`, identity lookup in `identity.rs`.
 #![no_std]
 #![no_main]
+// `inode::claim` needs a compare-and-swap, and the BPF target's `core` has
+// no `AtomicU64::compare_exchange`; the intrinsic lowers to BPF's cmpxchg.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod decision;
 mod identity;

@@ -49,10 +49,16 @@ pub static DEVICE_RULES: HashMap<DeviceKey, DeviceRuleSet> = HashMap::with_max_e
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
-/// Per-CPU scratch of the dentry walk (`inode::Walk`): slot 0 for exec,
-/// slot 1 for open. Not pinned: it holds nothing between program runs.
+/// Per-CPU scratch of the dentry walk (`inode::Walk`), `WALK_SLOTS` slots
+/// each claimed by one walk at a time (see `inode::claim`). Not pinned: it
+/// holds nothing between program runs.
 #[map]
-pub static WALKS: PerCpuArray<Walk> = PerCpuArray::with_max_entries(2, 0);
+pub static WALKS: PerCpuArray<Walk> = PerCpuArray::with_max_entries(WALK_SLOTS, 0);
+
+/// Walks that can be in progress on one CPU at once: programs run with
+/// migration disabled but, on a preemptible kernel, not with preemption
+/// disabled, so tasks preempted mid-walk on one CPU each hold a slot.
+pub const WALK_SLOTS: u32 = 8;
 
 /// Internal counters indexed by `COUNTER_*` (lost events, internal errors,
 /// unclassified cgroups), summed over CPUs by the agent.

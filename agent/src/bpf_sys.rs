@@ -1,6 +1,7 @@
-//! The two `bpf()` commands the agent issues itself: aya 0.14 attaches a
-//! cgroup device program but gives no `FdLink` for it (it converts only its
-//! sock, sock_addr and skb links), and an `FdLink` is what pinning needs.
+//! The `bpf()` commands the agent issues itself: aya 0.14 attaches a cgroup
+//! device program but gives no `FdLink` for it (it converts only its sock,
+//! sock_addr and skb links), and an `FdLink` is what pinning needs; and it
+//! has no map-in-map type, which the hook barrier (`hook_barrier`) needs.
 
 use std::{
     ffi::CString,
@@ -9,6 +10,8 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `enum bpf_attach_type`.
@@ -54,4 +57,34 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     attr[1] = (ptr >> 32) as u32;
     attr[2] = fd.as_raw_fd() as u32;
     bpf(BPF_OBJ_PIN, &attr).map(drop)
+}
+
+/// `BPF_MAP_CREATE` with 4-byte keys and values (`inner` is the template map
+/// of a map-in-map type, or none).
+pub fn map_create(
+    map_type: u32,
+    max_entries: u32,
+    inner: Option<BorrowedFd<'_>>,
+) -> io::Result<OwnedFd> {
+    let mut attr: Attr = [0; 32];
+    attr[0] = map_type;
+    attr[1] = 4;
+    attr[2] = 4;
+    attr[3] = max_entries;
+    attr[5] = inner.map_or(0, |fd| fd.as_raw_fd() as u32);
+    let fd = bpf(BPF_MAP_CREATE, &attr)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_MAP_UPDATE_ELEM` of a 4-byte key and value (`BPF_ANY`).
+pub fn map_update(map: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()> {
+    let (key_ptr, value_ptr) = (&raw const key as u64, &raw const value as u64);
+    let mut attr: Attr = [0; 32];
+    attr[0] = map.as_raw_fd() as u32;
+    attr[2] = key_ptr as u32;
+    attr[3] = (key_ptr >> 32) as u32;
+    attr[4] = value_ptr as u32;
+    attr[5] = (value_ptr >> 32) as u32;
+    bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
 }

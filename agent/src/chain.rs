@@ -49,15 +49,18 @@ pub enum ChainError {
     Mismatch { line: usize, seq: u64 },
 }
 
-fn hex(bytes: &[u8; 32]) -> String {
+/// Lowercase hex of `bytes` (chain heads here, keys and signatures in
+/// `trail`).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
+/// The `N` bytes that exactly `2 * N` hex digits spell, or `None`.
+pub(crate) fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
         return None;
     }
+    let mut out = [0u8; N];
     for (i, o) in out.iter_mut().enumerate() {
         *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
@@ -124,6 +127,24 @@ impl Chain {
         Ok(())
     }
 
+    /// The length `seal(json)` will return, without advancing the chain
+    /// (so the writer can rotate, and sign the old file, before sealing).
+    pub fn sealed_len(&self, json: &str) -> usize {
+        let body = json.strip_suffix('}').unwrap_or(json);
+        let sep = usize::from(!body.ends_with('{'));
+        let digits = (self.seq + 1).to_string().len();
+        body.len() + sep + "\"seq\":".len() + digits + ",\"chain\":\"".len() + 64 + "\"}".len()
+    }
+
+    /// The chain after line `seq` whose `chain` is `head` (hex), as a signed
+    /// checkpoint vouches for it.
+    pub fn at(seq: u64, head: &str) -> Option<Self> {
+        Some(Self {
+            seq,
+            head: unhex(head)?,
+        })
+    }
+
     pub fn seq(&self) -> u64 {
         self.seq
     }
@@ -174,15 +195,18 @@ fn last_line(path: &Path) -> Option<String> {
 /// rotated away is anchored at its first line. Returns the number of lines
 /// and the first `seq`.
 pub fn verify(files: &[PathBuf]) -> Result<(usize, u64), (PathBuf, ChainError)> {
-    verify_with(files, |_, _, _| Ok(())).map(|(lines, first, _)| (lines, first))
+    verify_with(files, |_, _, _| Ok(None)).map(|(lines, first, _)| (lines, first))
 }
 
 /// [`verify`], calling `each(line number, line, chain before it)` on every
 /// line first (`None` before an anchored first line, whose predecessor is
-/// gone). Returns the number of lines, the first and the last `seq`.
+/// gone). For that line `each` may return the chain before it, when it can
+/// vouch for it (a signed checkpoint names the head it follows): the line is
+/// then checked against it instead of taken as given. Returns the number of
+/// lines, the first and the last `seq`.
 pub fn verify_with<E: From<ChainError>>(
     files: &[PathBuf],
-    mut each: impl FnMut(usize, &str, Option<&Chain>) -> Result<(), E>,
+    mut each: impl FnMut(usize, &str, Option<&Chain>) -> Result<Option<Chain>, E>,
 ) -> Result<(usize, u64, u64), (PathBuf, E)> {
     let mut chain = Chain::default();
     let (mut count, mut first) = (0usize, 0u64);
@@ -201,8 +225,13 @@ pub fn verify_with<E: From<ChainError>>(
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
         {
-            let anchor = count == 0 && !line.contains("\"seq\":1,");
-            each(i + 1, line, (!anchor).then_some(&chain)).map_err(|e| (file.clone(), e))?;
+            let mut anchor = count == 0 && !line.contains("\"seq\":1,");
+            let vouched =
+                each(i + 1, line, (!anchor).then_some(&chain)).map_err(|e| (file.clone(), e))?;
+            if let Some(before) = vouched.filter(|_| anchor) {
+                chain = before;
+                anchor = false;
+            }
             chain
                 .check(i + 1, line, anchor)
                 .map_err(|e| (file.clone(), E::from(e)))?;
@@ -275,6 +304,17 @@ mod tests {
             check_all(&renumbered),
             Err(ChainError::Mismatch { line: 2, seq: 2 })
         );
+    }
+
+    #[test]
+    fn sealed_len_is_the_length_seal_returns() {
+        let mut c = Chain::default();
+        for json in ["{\"i\":1}", "{}", "{\"path\":\"/etc/shadow\"}"] {
+            for _ in 0..11 {
+                let expect = c.sealed_len(json);
+                assert_eq!(c.seal(json).len(), expect, "{json} at seq {}", c.seq());
+            }
+        }
     }
 
     #[test]

@@ -34,9 +34,10 @@ use crate::{
     trail::Signer,
 };
 
-/// How long a replaced generation's rules stay in the maps after the flip: a
-/// hook that read a cgroup's old identity just before the flip may still look
-/// up that identity's rules. Hooks run for microseconds; this is generous.
+/// How long a replaced generation's rules stay in the maps after the flip,
+/// so deletions are batched. What makes a deletion safe is not this time
+/// but the wait `PolicyMaps::retire` does first (`hook_barrier`); where the
+/// kernel refused the barrier, this grace is all there is.
 const RETIRE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a changed policy file must hold still before the watcher

@@ -16,7 +16,8 @@ use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
     ACCESS_EXEC, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_DEVICE,
     ACTION_EXEC, ACTION_OPEN, DEVICE_BLOCK, EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event,
-    MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_RACED, RULE_ID_TOO_DEEP, VERDICT_ALLOW, VERDICT_AUDIT,
+    MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_NO_WALK_SLOT, RULE_ID_TOO_DEEP, VERDICT_ALLOW,
+    VERDICT_AUDIT,
 };
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -215,19 +216,30 @@ impl Sink {
     }
 
     /// Writes one decision line, and a checkpoint when one is due by
-    /// count; a file about to rotate gets its checkpoint first, so every
-    /// rotated file ends signed.
+    /// count. A file about to rotate gets its checkpoint first, so every
+    /// rotated file ends signed, and the new file opens with one, so it
+    /// verifies on its own once the files before it are gone.
     pub fn write_line(&mut self, line: &str) -> Result<(), EventsError> {
-        if let Out::File { size, rotation, .. } = &self.out {
-            // A sealed line is the line plus ~100 bytes of seq and chain.
-            let len = line.len() as u64 + 100;
-            if rotation.max_bytes > 0 && *size > 0 && *size + len > rotation.max_bytes {
-                self.checkpoint(false)?;
+        if let Out::File { size, rotation, .. } = &self.out
+            && rotation.max_bytes > 0
+            && *size > 0
+            && *size + self.chain.sealed_len(line) as u64 + 1 > rotation.max_bytes
+        {
+            self.checkpoint(false)?;
+            if let Out::File {
+                path,
+                file,
+                size,
+                rotation,
+            } = &mut self.out
+            {
+                (*file, *size) = Self::rotate(path, rotation.keep)?;
             }
-        }
-        self.emit(line, true)?;
-        if self.signer.as_mut().is_some_and(Signer::wrote) {
             self.checkpoint(true)?;
+        }
+        self.emit(line)?;
+        if self.signer.as_mut().is_some_and(Signer::wrote) {
+            self.checkpoint(false)?;
         }
         Ok(())
     }
@@ -235,24 +247,26 @@ impl Sink {
     /// A checkpoint when lines wait for one and its interval has passed.
     pub fn tick(&mut self) -> Result<(), EventsError> {
         if self.signer.as_ref().is_some_and(Signer::due_by_time) {
-            self.checkpoint(true)?;
+            self.checkpoint(false)?;
         }
         Ok(())
     }
 
-    /// Signs the chain so far, if a key is set and lines wait.
-    fn checkpoint(&mut self, may_rotate: bool) -> Result<(), EventsError> {
-        let Some(signer) = self.signer.as_mut().filter(|s| s.pending()) else {
+    /// Signs the chain so far, if a key is set and lines wait for it (or
+    /// `always`: the opening line of a new file). Checkpoints never rotate:
+    /// a file may end one checkpoint line past `max_bytes`.
+    fn checkpoint(&mut self, always: bool) -> Result<(), EventsError> {
+        let Some(signer) = self.signer.as_mut().filter(|s| always || s.pending()) else {
             return Ok(());
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
         let line = signer.checkpoint(&self.chain, &rfc3339(now));
-        self.emit(&line, may_rotate)
+        self.emit(&line)
     }
 
-    fn emit(&mut self, line: &str, may_rotate: bool) -> Result<(), EventsError> {
+    fn emit(&mut self, line: &str) -> Result<(), EventsError> {
         let line = &self.chain.seal(line);
         let (res, path) = match &mut self.out {
             Out::Stdout => {
@@ -263,22 +277,11 @@ impl Sink {
                 )
             }
             Out::File {
-                path,
-                file,
-                size,
-                rotation,
+                path, file, size, ..
             } => {
-                let len = line.len() as u64 + 1;
-                if may_rotate
-                    && rotation.max_bytes > 0
-                    && *size > 0
-                    && *size + len > rotation.max_bytes
-                {
-                    (*file, *size) = Self::rotate(path, rotation.keep)?;
-                }
                 let res = writeln!(file, "{line}");
                 if res.is_ok() {
-                    *size += len;
+                    *size += line.len() as u64 + 1;
                 }
                 (res, path.display().to_string())
             }
@@ -425,7 +428,9 @@ pub fn decode(
         RULE_ID_TOO_DEEP => Some(format!(
             "fail-closed: more than {MAX_PATH_DEPTH} levels below the filesystem root"
         )),
-        RULE_ID_RACED => Some("fail-closed: the walk state was taken by another task".into()),
+        RULE_ID_NO_WALK_SLOT => {
+            Some("fail-closed: every walk slot of this CPU was taken by a preempted walk".into())
+        }
         _ if names.is_none() => Some(format!(
             "unknown: generation {} is not known to this agent",
             ev.generation

@@ -116,6 +116,12 @@ enum Command {
         /// (`KEY.pub` from `portcullis keygen`); fails without one.
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// With --public-key: fail when lines follow the last checkpoint
+        /// (by default they are reported; a trail of a stopped agent ends
+        /// signed, a running agent's has up to --checkpoint-lines or
+        /// --checkpoint-interval of unsigned lines).
+        #[arg(long, requires = "public_key")]
+        require_signed_tail: bool,
     },
     /// Make an ed25519 key for signing trail checkpoints: the key at OUT
     /// (mode 0600, for `run --trail-key`) and its public key at OUT.pub (for
@@ -180,6 +186,7 @@ fn main() -> ExitCode {
         Command::VerifyLog {
             files,
             public_key: None,
+            ..
         } => match chain::verify(&files) {
             Ok((lines, first)) => {
                 println!(
@@ -196,6 +203,7 @@ fn main() -> ExitCode {
         Command::VerifyLog {
             files,
             public_key: Some(key),
+            require_signed_tail,
         } => {
             let key = match trail::load_public(&key) {
                 Ok(k) => k,
@@ -212,13 +220,27 @@ fn main() -> ExitCode {
                     );
                     ExitCode::FAILURE
                 }
+                Ok(s) if require_signed_tail && s.unsigned > 0 => {
+                    eprintln!(
+                        "{} lines, chain intact, signed up to seq {}, but {} lines after the last checkpoint are not signed (--require-signed-tail)",
+                        s.lines, s.covered_seq, s.unsigned
+                    );
+                    ExitCode::FAILURE
+                }
                 Ok(s) => {
+                    if s.first_unchecked {
+                        println!(
+                            "note: the first line (seq {}) is taken as given: the lines before it are not among the files and it is no checkpoint; give the older files to check it",
+                            s.first_seq
+                        );
+                    }
                     println!(
-                        "ok: {} lines, chain intact ({}), {} checkpoints signed by this key; signed up to seq {}, {} lines after it not signed yet",
+                        "ok: {} lines, chain intact ({}), {} checkpoints signed by this key; signed up to seq {} ({} lines covered), {} lines after it not signed yet",
                         s.lines,
                         anchored(s.first_seq),
                         s.checkpoints,
                         s.covered_seq,
+                        s.covered_lines,
                         s.unsigned
                     );
                     ExitCode::SUCCESS

@@ -3,10 +3,13 @@
 //! A swap never shows a syscall a half-applied policy: the new generation's
 //! rules are written under identity numbers the old one does not use, then
 //! each cgroup is pointed at its new identity with one map update (atomic per
-//! cgroup), and only then are the old generation's entries deleted — after a
-//! grace period ([`PolicyMaps::retire`], scheduled by the daemon), because a
-//! hook that read a cgroup's old identity just before the flip may still be
-//! about to look up that identity's rules. If a write fails before the flip
+//! cgroup), and only then are the old generation's entries deleted
+//! ([`PolicyMaps::retire`], scheduled by the daemon after a grace period),
+//! because a hook that read a cgroup's old identity just before the flip may
+//! still be about to look up that identity's rules. The grace only batches
+//! deletions: what makes them safe is that `retire` first waits, with the
+//! kernel's own barrier ([`HookBarrier`]), for every hook running since the
+//! last flip to return. If a write fails before the flip
 //! (a map is full), the new entries are removed again and the old generation
 //! stays in force untouched. If the flip itself fails half-way (`IDENTITIES`
 //! is full of cgroups), the cgroups flipped so far are pointed back at their
@@ -26,7 +29,7 @@ use portcullis_common::{
     NET_KEY_DATA_LEN, NetRuleSet,
 };
 
-use crate::compile::Compiled;
+use crate::{compile::Compiled, hook_barrier::HookBarrier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -67,6 +70,11 @@ pub struct PolicyMaps {
     files: HashMap<MapData, InodeKey, InodeRuleSet>,
     only_from: HashMap<MapData, InodeKey, u32>,
     devices: HashMap<MapData, DeviceKey, DeviceRuleSet>,
+    /// `None` where the kernel refused the barrier's maps: deletions then
+    /// rely on the grace period alone (logged at start).
+    barrier: Option<HookBarrier>,
+    /// A cgroup was pointed at another identity since the last wait.
+    repointed: bool,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -81,25 +89,34 @@ fn err(name: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
 }
 
-/// Inserts `new` entries into a hash map; on failure removes the ones this
-/// call added (those not in `keep`) and returns the error.
-fn insert_all<K: Pod + Ord + Hash, V: Pod>(
+/// Inserts the `new` entries that `old` (what the kernel holds) lacks or
+/// holds with another value, and returns the keys it added. On failure it
+/// removes those again and returns the error. An entry already there with
+/// the same value is not rewritten: the kernel recycles a replaced element
+/// of a preallocated hash map at once, under any hook still reading it.
+/// (Live entries never change value: each generation has its own identity
+/// numbers, which every key carries.)
+fn insert_all<K: Pod + Ord + Hash, V: Pod + PartialEq>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
     new: impl IntoIterator<Item = (K, V)>,
-    keep: &dyn Fn(&K) -> bool,
+    old: &dyn Fn(&K) -> Option<V>,
 ) -> Result<Vec<K>, MapsError> {
     let mut added = Vec::new();
     for (k, v) in new {
+        let before = old(&k);
+        if before == Some(v) {
+            continue;
+        }
         if let Err(e) = map.insert(k, v, 0) {
             for k in &added {
-                if !keep(k) {
-                    let _ = map.remove(k);
-                }
+                let _ = map.remove(k);
             }
             return Err(err(name)(e));
         }
-        added.push(k);
+        if before.is_none() {
+            added.push(k);
+        }
     }
     Ok(added)
 }
@@ -114,6 +131,16 @@ impl PolicyMaps {
             files: take(ebpf, MAP_FILE_RULES)?,
             only_from: take(ebpf, MAP_ONLY_FROM)?,
             devices: take(ebpf, MAP_DEVICE_RULES)?,
+            barrier: HookBarrier::new()
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        error = %e,
+                        "the kernel refused the hook barrier's array of maps: replaced rules are \
+                         deleted after the grace period alone, which a preempted hook can outlast"
+                    )
+                })
+                .ok(),
+            repointed: false,
         })
     }
 
@@ -132,6 +159,7 @@ impl PolicyMaps {
         // never fails for room (the kernel keeps spare elements for that), so
         // undoing the cgroups flipped so far cannot fail for a full map.
         let mut flipped = Vec::new();
+        self.repointed = true;
         for (&cg, &id) in &new.cgroups {
             if let Err(source) = self.identities.insert(cg, id, 0) {
                 for cg in &flipped {
@@ -164,9 +192,11 @@ impl PolicyMaps {
     }
 
     /// Deletes the rules of a generation no cgroup points at any more,
-    /// keeping any entry `live` (the generation in force) also has. Failures
-    /// leave only unreachable entries.
+    /// keeping any entry `live` (the generation in force) also has, once no
+    /// hook that may have read one of its identities is still running.
+    /// Failures leave only unreachable entries.
     pub fn retire(&mut self, old: &Compiled, new: &Compiled) {
+        self.wait_for_hooks();
         for id in old
             .identity_cfg
             .keys()
@@ -223,27 +253,30 @@ impl PolicyMaps {
             &mut self.only_from,
             MAP_ONLY_FROM,
             new.only_from.iter().map(|k| (*k, 1u32)),
-            &|k| old.only_from.contains(k),
+            &|k| old.only_from.contains(k).then_some(1),
         )?;
         undo.exec = insert_all(
             &mut self.exec,
             MAP_EXEC_RULES,
             new.exec.iter().map(|(k, v)| (*k, *v)),
-            &|k| old.exec.contains_key(k),
+            &|k| old.exec.get(k).copied(),
         )?;
         undo.files = insert_all(
             &mut self.files,
             MAP_FILE_RULES,
             new.files.iter().map(|(k, v)| (*k, *v)),
-            &|k| old.files.contains_key(k),
+            &|k| old.files.get(k).copied(),
         )?;
         undo.devices = insert_all(
             &mut self.devices,
             MAP_DEVICE_RULES,
             new.devices.iter().map(|(k, v)| (*k, *v)),
-            &|k| old.devices.contains_key(k),
+            &|k| old.devices.get(k).copied(),
         )?;
         for (&(len, data), v) in new.net.iter() {
+            if old.net.get(&(len, data)) == Some(v) {
+                continue;
+            }
             self.net
                 .insert(&Key::new(len, data), *v, 0)
                 .map_err(err(MAP_NET_RULES))?;
@@ -255,7 +288,7 @@ impl PolicyMaps {
             &mut self.identity_cfg,
             MAP_IDENTITY_CFG,
             new.identity_cfg.iter().map(|(k, v)| (*k, *v)),
-            &|k| old.identity_cfg.contains_key(k),
+            &|k| old.identity_cfg.get(k).copied(),
         )?;
         Ok(())
     }
@@ -281,6 +314,17 @@ impl PolicyMaps {
         }
     }
 
+    /// Waits for the hooks running since a cgroup was last repointed (none
+    /// since the last wait: nothing to wait for).
+    fn wait_for_hooks(&mut self) {
+        if !std::mem::take(&mut self.repointed) {
+            return;
+        }
+        if let Some(Err(e)) = self.barrier.as_ref().map(HookBarrier::wait) {
+            tracing::warn!(error = %e, "hook barrier failed; deleting after the grace period alone");
+        }
+    }
+
     /// Drops a removed cgroup's mapping (its id is never reused, so this only
     /// frees the map slot).
     pub fn remove_cgroup(&mut self, cgroup_id: u64) {
@@ -290,6 +334,7 @@ impl PolicyMaps {
     /// Points one cgroup at an identity (a cgroup created since the last
     /// full apply).
     pub fn set_cgroup(&mut self, cgroup_id: u64, identity: u32) -> Result<(), MapsError> {
+        self.repointed = true;
         self.identities
             .insert(cgroup_id, identity, 0)
             .map_err(err(MAP_IDENTITIES))

@@ -12,6 +12,7 @@
 mod support;
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     ffi::CString,
     fs,
     net::{Ipv4Addr, TcpListener},
@@ -28,14 +29,18 @@ use nix::{
     },
     unistd::{ForkResult, Uid, fork},
 };
-use portcullis::loader::{self, Backend, Kernel, LoadOptions};
+use portcullis::{
+    evaluate,
+    loader::{self, Backend, Kernel, LoadOptions},
+};
 use portcullis_common::{
-    ACCESS_READ, ACTION_CONNECT, ACTION_EXEC, ACTION_OPEN, BACKEND_CGROUP_SOCK_ADDR,
+    ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_EXEC, ACTION_OPEN, BACKEND_CGROUP_SOCK_ADDR,
     BACKEND_TRACEPOINT_KILL, EVENT_DECISION, Event, HAS_EXEC, HAS_FILES, HAS_NET, IdentityConfig,
     InodeKey, InodeRule, InodeRuleSet, MAP_EVENTS, MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES,
-    MAP_IDENTITY_CFG, MAP_NET_RULES, MODE_ENFORCE, NET_KEY_DATA_LEN, NetRule, NetRuleSet,
-    PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_TP, PROG_OPEN_TP,
-    PROG_SENDMSG4, PROG_SENDMSG6, RULE_ID_DEFAULT, VERDICT_ALLOW, VERDICT_DENY,
+    MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, MODE_ENFORCE, NET_KEY_DATA_LEN, NetRule,
+    NetRuleSet, PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_TP,
+    PROG_OPEN_TP, PROG_SENDMSG4, PROG_SENDMSG6, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE,
+    VERDICT_ALLOW, VERDICT_DENY,
 };
 
 const IDENTITY: u32 = 7;
@@ -324,12 +329,20 @@ fn programs_load_and_attach() {
         "each fallback program loaded and attached exactly once"
     );
     drop(k);
-    assert!(
-        !aya::programs::loaded_links()
+    // A test running beside this one may fork between our attach and this
+    // drop: its child holds a copy of every link fd until it execs (they
+    // are close-on-exec), so the last reference can outlive the drop by a
+    // moment. A pinned or leaked link would outlive any wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let still_attached = || {
+        aya::programs::loaded_links()
             .filter_map(Result::ok)
-            .any(|l| ours.contains_key(&l.program_id())),
-        "unpinned links detach with the agent"
-    );
+            .any(|l| ours.contains_key(&l.program_id()))
+    };
+    while still_attached() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!still_attached(), "unpinned links detach with the agent");
 }
 
 #[test]
@@ -663,4 +676,183 @@ fn open_of_denied_file_is_killed_by_every_path() {
         assert_eq!(name(&e.names[0]), "secret");
         assert_eq!(name(&e.names[1]), "data");
     }
+}
+
+/// The host evaluator (`portcullis::evaluate`, used by policy tests and
+/// `explain`) and the kernel decide alike: random rule sets over a small
+/// tree, real opens from the cgroup, the same verdict, rule, policy and
+/// level from both, and an event exactly when the host says one is due.
+#[test]
+fn host_evaluator_and_kernel_agree_on_random_file_rules() {
+    if !require_root() {
+        return;
+    }
+    let cg = TestCgroup::new();
+    let dir = TempDir::new();
+    let mut nodes = vec![dir.0.clone()];
+    let mut files = Vec::new();
+    let mut here = dir.0.clone();
+    for level in 0..3 {
+        here = here.join(format!("d{level}"));
+        fs::create_dir(&here).unwrap();
+        let f = here.join("f");
+        fs::write(&f, "x").unwrap();
+        nodes.push(here.clone());
+        nodes.push(f.clone());
+        files.push(f);
+    }
+    let mut k = load(
+        &cg,
+        IdentityConfig {
+            flags: HAS_FILES,
+            ..Default::default()
+        },
+    );
+    // The forked children run this test binary: onlyFrom set 1 holds it,
+    // set 2 another file.
+    let exe = fs::metadata("/proc/self/exe").unwrap();
+    let exe = (kdev(exe.dev()), exe.ino());
+    let other = inode_key(&files[0]);
+    let only_from = BTreeSet::from([
+        InodeKey {
+            identity: 1,
+            dev: exe.0,
+            ino: exe.1,
+        },
+        InodeKey {
+            identity: 2,
+            ..other
+        },
+    ]);
+    {
+        let mut of: HashMap<_, InodeKey, u32> =
+            HashMap::try_from(k.ebpf.map_mut(MAP_ONLY_FROM).unwrap()).unwrap();
+        for key in &only_from {
+            of.insert(key, 1, 0).unwrap();
+        }
+    }
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+    let targets: Vec<_> = files
+        .iter()
+        .map(|f| (c(f), evaluate::levels(f).unwrap()))
+        .collect();
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut x = seed;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (mut compared, mut logged, mut denied) = (0, 0, 0);
+    for round in 0..150 {
+        let mut rules = BTreeMap::new();
+        let mut rule_id = 1;
+        for node in &nodes {
+            let n = next(6).saturating_sub(2) as usize;
+            if n == 0 {
+                continue;
+            }
+            let mut set = InodeRuleSet {
+                count: n as u32,
+                ..Default::default()
+            };
+            for r in &mut set.rules[..n] {
+                *r = InodeRule {
+                    allow_mask: [
+                        0,
+                        ACCESS_READ,
+                        ACCESS_READ | ACCESS_WRITE,
+                        ACCESS_READ | ACCESS_WRITE,
+                    ][next(4) as usize],
+                    only_from: [0, 0, 0, 1, 2][next(5) as usize],
+                    flags: (next(2) as u32 * RULE_SUBTREE)
+                        | if next(4) == 0 { RULE_LOG_ALLOW } else { 0 },
+                    rule_id,
+                    mode: next(2) as u8,
+                    policy_bit: next(3) as u8,
+                    _pad: [0; 2],
+                };
+                rule_id += 1;
+            }
+            rules.insert(inode_key(node), set);
+        }
+        {
+            let mut map: HashMap<_, InodeKey, InodeRuleSet> =
+                HashMap::try_from(k.ebpf.map_mut(MAP_FILE_RULES).unwrap()).unwrap();
+            let stale: Vec<_> = map.keys().map(Result::unwrap).collect();
+            for key in stale {
+                map.remove(&key).unwrap();
+            }
+            for (key, set) in &rules {
+                map.insert(key, set, 0).unwrap();
+            }
+        }
+        for (path, levels) in &targets {
+            for (flags, requested) in [
+                (libc::O_RDONLY, ACCESS_READ),
+                (libc::O_RDWR, ACCESS_READ | ACCESS_WRITE),
+            ] {
+                let host = evaluate::decide_inode(
+                    &rules,
+                    &only_from,
+                    &evaluate::InodeRequest {
+                        identity: IDENTITY,
+                        requested,
+                        exe,
+                        active: u32::MAX,
+                        deny_enforce: 0,
+                        deny_audit: 0,
+                        levels,
+                    },
+                );
+                let case = format!(
+                    "seed {seed:#x} round {round} {path:?} access {requested}: host {host:?}, rules {rules:?}"
+                );
+                // SAFETY: raw syscalls on a valid path.
+                let status = cg.run(|| unsafe {
+                    if libc::open(path.as_ptr(), flags) < 0 {
+                        102
+                    } else {
+                        0
+                    }
+                });
+                assert_eq!(killed(status), host.verdict == VERDICT_DENY, "{case}");
+                denied += killed(status) as u32;
+                if !killed(status) {
+                    assert_eq!(exit_code(status), 0, "{case}");
+                }
+                let events = decisions(&mut k);
+                if host.emits() {
+                    assert_eq!(events.len(), 1, "{case}");
+                    let e = &events[0];
+                    assert_eq!(
+                        (e.verdict, e.rule_id, e.policy_bit, e.depth),
+                        (
+                            host.verdict,
+                            host.hit.rule_id,
+                            host.hit.policy_bit,
+                            host.hit.depth
+                        ),
+                        "{case}"
+                    );
+                    logged += 1;
+                } else {
+                    assert!(events.is_empty(), "{case}: {} events", events.len());
+                }
+                compared += 1;
+            }
+        }
+    }
+    eprintln!("seed {seed:#x}: {compared} opens compared, {logged} with an event, {denied} denied");
+    // Both outcomes, and silent allows, each well represented.
+    assert!(
+        denied > compared / 5 && logged < compared * 9 / 10,
+        "seed {seed:#x}"
+    );
 }

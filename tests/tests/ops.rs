@@ -294,6 +294,23 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
         opens.load(Ordering::Relaxed),
         bad_opens.load(Ordering::Relaxed)
     );
+    if report["violations"] != 0 || bad_opens.load(Ordering::Relaxed) != 0 {
+        // What the agent decided about the hammered files, and why.
+        for d in agent.decisions().iter().filter(|d| {
+            let line = d.to_string();
+            line.contains("open.txt") || line.contains("secret/key")
+        }) {
+            eprintln!("decision: {d}");
+        }
+        if let Some((_, body)) = agent.http("/metrics") {
+            for l in body
+                .lines()
+                .filter(|l| l.starts_with("portcullis_kernel_errors"))
+            {
+                eprintln!("{l}");
+            }
+        }
+    }
     assert!(
         reloads >= min_reloads,
         "only {reloads} reloads in the time allowed"
