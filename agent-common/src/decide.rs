@@ -6,7 +6,7 @@
 //! hooks' `bpf_loop` callbacks (see `lowest_bit`).
 
 use crate::{
-    InodeRule, MODE_ENFORCE, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW,
+    InodeRule, MODE_ENFORCE, NetRule, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW,
     VERDICT_AUDIT, VERDICT_DENY,
 };
 
@@ -181,6 +181,29 @@ pub fn apply_inode_rule(
     }
 }
 
+/// Applies one egress rule of the prefix set the address fell in, to a
+/// connect or send to `port` over IP protocol `proto`. Returns true when
+/// the scan should stop: the first enforce deny decides (see
+/// [`apply_inode_rule`] for why that is not left to `Matches::deny`).
+#[inline(always)]
+pub fn apply_net_rule(m: &mut Matches, r: &NetRule, port: u16, proto: u8) -> bool {
+    if port < r.port_lo || port > r.port_hi || (r.proto != 0 && r.proto != proto) {
+        return false;
+    }
+    let hit = Hit {
+        rule_id: r.rule_id,
+        policy_bit: r.policy_bit,
+        depth: 0,
+    };
+    if r.verdict == VERDICT_DENY {
+        m.deny(r.mode, hit);
+        r.mode == MODE_ENFORCE
+    } else {
+        m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
+        false
+    }
+}
+
 /// An allow that no rule produced and nobody logs.
 #[inline(always)]
 pub const fn allow() -> Decision {
@@ -260,6 +283,53 @@ mod tests {
             policy_bit,
             _pad: [0; 2],
         }
+    }
+
+    #[test]
+    fn a_net_rule_matches_only_its_ports_and_protocol_and_an_enforce_deny_stops() {
+        let r = |verdict, mode, proto| NetRule {
+            port_lo: 443,
+            port_hi: 444,
+            proto,
+            verdict,
+            mode,
+            policy_bit: 1,
+            rule_id: 7,
+            flags: 0,
+        };
+        let deny = r(VERDICT_DENY, MODE_ENFORCE, 6);
+        for (port, proto, hits) in [
+            (443, 6, true),
+            (444, 6, true),
+            (445, 6, false),
+            (443, 17, false),
+        ] {
+            let mut m = Matches::new(ALL);
+            assert_eq!(apply_net_rule(&mut m, &deny, port, proto), hits);
+            assert_eq!(m.enforce_denied(), hits);
+        }
+        // Any protocol; an audit deny does not stop the scan.
+        let mut m = Matches::new(ALL);
+        assert!(!apply_net_rule(
+            &mut m,
+            &r(VERDICT_DENY, MODE_AUDIT, 0),
+            443,
+            17
+        ));
+        assert_eq!(m.finish(0, 0).verdict, VERDICT_AUDIT);
+        // An allow meets its policy's default deny.
+        let mut m = Matches::new(ALL);
+        assert!(!apply_net_rule(
+            &mut m,
+            &r(VERDICT_ALLOW, MODE_ENFORCE, 0),
+            443,
+            6
+        ));
+        assert_eq!(m.finish(0b10, 0).verdict, VERDICT_ALLOW);
+        assert_eq!(
+            Matches::new(ALL).finish(0b10, 0).hit,
+            hit(RULE_ID_DEFAULT, 1)
+        );
     }
 
     #[test]

@@ -183,12 +183,19 @@ pub struct ResolvedPath {
 /// symlinks (so `/usr/bin/python3` → the inode of `python3.11`). `**` may
 /// only be the last segment (validation guarantees it).
 pub fn resolve_glob(pattern: &str) -> Vec<ResolvedPath> {
+    resolve_glob_under(Path::new("/"), pattern)
+}
+
+/// [`resolve_glob`] with `root` standing for `/` (a policy test's
+/// fixture); the paths returned are as the policy names them, without
+/// `root`.
+pub fn resolve_glob_under(root: &Path, pattern: &str) -> Vec<ResolvedPath> {
     let segments: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
     let (segments, subtree) = match segments.split_last() {
         Some((&"**", rest)) => (rest.to_vec(), true),
         _ => (segments, false),
     };
-    let mut current = vec![PathBuf::from("/")];
+    let mut current = vec![root.to_path_buf()];
     for seg in segments {
         let mut next = Vec::new();
         for dir in &current {
@@ -220,7 +227,7 @@ pub fn resolve_glob(pattern: &str) -> Vec<ResolvedPath> {
                 dev: kernel_dev(meta.dev()),
                 ino: meta.ino(),
                 subtree,
-                path,
+                path: Path::new("/").join(path.strip_prefix(root).unwrap_or(&path)),
             })
         })
         .collect()
@@ -312,6 +319,8 @@ struct Builder<'a> {
     out: Compiled,
     policies: &'a [Policy],
     node: &'a NodeDevices,
+    /// What policy paths are resolved under: `/`, or a policy test's fixture.
+    root: &'a Path,
 }
 
 impl Builder<'_> {
@@ -325,7 +334,7 @@ impl Builder<'_> {
     }
 
     fn resolve(&mut self, policy: &Policy, rule: &PathRule) -> Vec<ResolvedPath> {
-        let found = resolve_glob(&rule.pattern);
+        let found = resolve_glob_under(self.root, &rule.pattern);
         if found.is_empty() {
             self.out.warnings.push(format!(
                 "{}:{}: policy {}: path {} matches no file now; it is re-resolved on every reload",
@@ -507,6 +516,17 @@ pub fn compile_on(
     numbering: Numbering,
     node: Arc<NodeDevices>,
 ) -> Result<Compiled, CompileError> {
+    compile_under(policies, cgroups, numbering, node, Path::new("/"))
+}
+
+/// [`compile_on`] with policy paths resolved under `root` instead of `/`.
+pub fn compile_under(
+    policies: &[Policy],
+    cgroups: &[CgroupInfo],
+    numbering: Numbering,
+    node: Arc<NodeDevices>,
+    root: &Path,
+) -> Result<Compiled, CompileError> {
     let first_identity = numbering.first_identity;
     let mut b = Builder {
         out: Compiled {
@@ -515,6 +535,7 @@ pub fn compile_on(
         },
         policies,
         node: &node,
+        root,
     };
     b.out.only_from_base = numbering.only_from_base;
     b.out.generation = numbering.generation;

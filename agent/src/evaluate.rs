@@ -7,17 +7,23 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
+    net::Ipv6Addr,
     os::unix::fs::MetadataExt as _,
     path::Path,
 };
 
 use portcullis_common::{
-    IdentityConfig, InodeKey, InodeRuleSet, MAX_PATH_DEPTH, MAX_POLICIES_PER_IDENTITY,
-    RULE_ID_TOO_DEEP,
-    decide::{Decision, Matches, apply_inode_rule, fail_closed},
+    ACCESS_EXEC, HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED, IdentityConfig, InodeKey,
+    InodeRule, InodeRuleSet, MAX_PATH_DEPTH, MAX_POLICIES_PER_IDENTITY, NET_KEY_DATA_LEN,
+    NET_RULES_PER_PREFIX, NetRule, NetRuleSet, RULE_ID_TOO_DEEP, RULE_LOG_ALLOW,
+    decide::{Decision, Hit, Matches, allow, apply_inode_rule, apply_net_rule, fail_closed},
 };
 
-use crate::compile::kernel_dev;
+use crate::{
+    compile::{Compiled, kernel_dev},
+    events::name_hit,
+    generations::Names,
+};
 
 /// One exec or open, as the kernel's `inode::Request` sees it.
 pub struct InodeRequest<'a> {
@@ -44,6 +50,17 @@ pub fn decide_inode(
     only_from: &BTreeSet<InodeKey>,
     req: &InodeRequest,
 ) -> Decision {
+    decide_inode_traced(rules, only_from, req, &mut Vec::new())
+}
+
+/// [`decide_inode`], also adding to `matched` every rule that matched the
+/// request before the walk ended, in walk order.
+pub fn decide_inode_traced(
+    rules: &BTreeMap<InodeKey, InodeRuleSet>,
+    only_from: &BTreeSet<InodeKey>,
+    req: &InodeRequest,
+    matched: &mut Vec<Hit>,
+) -> Decision {
     let mut m = Matches::new(req.active);
     let exe_in = |set: u32| {
         only_from.contains(&InodeKey {
@@ -62,7 +79,15 @@ pub fn decide_inode(
             continue;
         };
         for r in set.rules.iter().take(set.count as usize) {
-            if apply_inode_rule(&mut m, r, depth as u32, req.requested, exe_in) {
+            let depth = depth as u32;
+            trace(matched, req.active, r.rule_id, |m| {
+                let logged = InodeRule {
+                    flags: r.flags | RULE_LOG_ALLOW,
+                    ..*r
+                };
+                apply_inode_rule(m, &logged, depth, req.requested, exe_in);
+            });
+            if apply_inode_rule(&mut m, r, depth, req.requested, exe_in) {
                 break 'walk;
             }
         }
@@ -71,6 +96,75 @@ pub fn decide_inode(
         return fail_closed(RULE_ID_TOO_DEEP);
     }
     m.finish(req.deny_enforce, req.deny_audit)
+}
+
+/// Adds the rule `apply` applies to `matched` when it matched the request:
+/// applied alone (and logged, were it an allow), it is what decides.
+fn trace(matched: &mut Vec<Hit>, active: u32, rule_id: u32, apply: impl FnOnce(&mut Matches)) {
+    let mut alone = Matches::new(active);
+    apply(&mut alone);
+    let d = alone.finish(0, 0);
+    if d.hit.rule_id == rule_id && d.emits() {
+        matched.push(d.hit);
+    }
+}
+
+/// Decides a connect (or unconnected send) by `identity` to `addr`, as the
+/// kernel's `connect` programs do: one longest-prefix lookup of
+/// (identity, address) in the flattened egress map, whose set already
+/// holds the rules of every containing network, scanned in order.
+/// IPv4 addresses are given IPv4-mapped. Rules that matched are added to
+/// `matched`, as in [`decide_inode_traced`].
+#[allow(clippy::too_many_arguments)]
+pub fn decide_net(
+    net: &BTreeMap<(u32, [u8; NET_KEY_DATA_LEN]), NetRuleSet>,
+    identity: u32,
+    cfg: &IdentityConfig,
+    uid: u32,
+    addr: Ipv6Addr,
+    port: u16,
+    proto: u8,
+    matched: &mut Vec<Hit>,
+) -> Decision {
+    if cfg.flags & HAS_NET == 0 {
+        return allow();
+    }
+    let mut key = [0u8; NET_KEY_DATA_LEN];
+    key[..4].copy_from_slice(&identity.to_be_bytes());
+    key[4..].copy_from_slice(&addr.octets());
+    let covers = |len: u32, data: &[u8; NET_KEY_DATA_LEN]| {
+        let mask = |i: usize| match len.saturating_sub(8 * i as u32) {
+            0 => 0u8,
+            n if n >= 8 => 0xff,
+            n => 0xffu8 << (8 - n),
+        };
+        (0..NET_KEY_DATA_LEN).all(|i| (data[i] ^ key[i]) & mask(i) == 0)
+    };
+    let active = active_policies(cfg, uid);
+    let mut m = Matches::new(active);
+    if let Some((_, set)) = net
+        .iter()
+        .filter(|((len, data), _)| covers(*len, data))
+        .max_by_key(|((len, _), _)| *len)
+    {
+        for r in set
+            .rules
+            .iter()
+            .take((set.count as usize).min(NET_RULES_PER_PREFIX))
+        {
+            trace(matched, active, r.rule_id, |m| {
+                let logged = NetRule {
+                    flags: r.flags | RULE_LOG_ALLOW,
+                    ..*r
+                };
+                apply_net_rule(m, &logged, port, proto);
+            });
+            if apply_net_rule(&mut m, r, port, proto) {
+                break;
+            }
+        }
+    }
+    m.finish(cfg.net_deny_enforce, cfg.net_deny_audit)
 }
 
 /// The policies of `cfg` that apply to a task running as `uid`: all but the
@@ -101,6 +195,119 @@ pub fn levels(path: &Path) -> io::Result<Vec<(u32, u64)>> {
         out.push((kernel_dev(m.dev()), m.ino()));
     }
     Ok(out)
+}
+
+/// What a workload does, with paths already turned into the walk's levels.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Exec {
+        levels: Vec<(u32, u64)>,
+    },
+    /// `access`: `ACCESS_READ` and/or `ACCESS_WRITE`.
+    Open {
+        levels: Vec<(u32, u64)>,
+        access: u32,
+    },
+    /// `proto`: 6 tcp, 17 udp; `addr` IPv4-mapped for IPv4.
+    Connect {
+        addr: Ipv6Addr,
+        port: u16,
+        proto: u8,
+    },
+}
+
+/// The decision on one request, named as the decision log names it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// `IDENTITY_UNRESTRICTED` when no policy selects the cgroup.
+    pub identity: u32,
+    pub decision: Decision,
+    /// Empty for an allow no policy made.
+    pub policy: String,
+    pub rule: String,
+    /// `(policy, rule)` of every rule that matched, deciding or not, in the
+    /// order the kernel met them.
+    pub matched: Vec<(String, String)>,
+}
+
+/// Decides `action` by a task of cgroup `cgroup_id` running as `uid` from
+/// the executable `exe` (dev, ino), against the compiled map contents of
+/// `c`: the kernel's lookups (cgroup → identity → config) followed by the
+/// hook's decision.
+pub fn evaluate(
+    c: &Compiled,
+    cgroup_id: u64,
+    uid: u32,
+    exe: (u32, u64),
+    action: &Action,
+) -> Outcome {
+    let identity = c
+        .cgroups
+        .get(&cgroup_id)
+        .copied()
+        .unwrap_or(IDENTITY_UNRESTRICTED);
+    let cfg = c.identity_cfg.get(&identity).copied().unwrap_or_default();
+    let active = active_policies(&cfg, uid);
+    let mut hits = Vec::new();
+    let mut inode = |rules, requested, deny_enforce, deny_audit, levels: &[(u32, u64)]| {
+        decide_inode_traced(
+            rules,
+            &c.only_from,
+            &InodeRequest {
+                identity,
+                requested,
+                exe,
+                active,
+                deny_enforce,
+                deny_audit,
+                levels,
+            },
+            &mut hits,
+        )
+    };
+    let decision = match action {
+        _ if identity == IDENTITY_UNRESTRICTED => allow(),
+        Action::Exec { levels } if cfg.flags & HAS_EXEC != 0 => inode(
+            &c.exec,
+            ACCESS_EXEC,
+            cfg.exec_deny_enforce,
+            cfg.exec_deny_audit,
+            levels,
+        ),
+        Action::Open { levels, access } if cfg.flags & HAS_FILES != 0 => {
+            inode(&c.files, *access, 0, 0, levels)
+        }
+        Action::Connect { addr, port, proto } => {
+            decide_net(&c.net, identity, &cfg, uid, *addr, *port, *proto, &mut hits)
+        }
+        _ => allow(),
+    };
+    let names = Names::of(c);
+    let name = |h: &Hit| {
+        name_hit(
+            Some(&names),
+            identity,
+            h.policy_bit,
+            h.rule_id,
+            c.generation,
+        )
+    };
+    let (policy, rule) = name(&decision.hit);
+    let matched = hits.iter().map(name).collect();
+    Outcome {
+        identity,
+        decision,
+        // An allow nothing made belongs to no policy.
+        policy: if decision.hit.rule_id == portcullis_common::RULE_ID_DEFAULT
+            && decision.verdict == portcullis_common::VERDICT_ALLOW
+        {
+            String::new()
+        } else {
+            policy
+        },
+        rule,
+        matched,
+    }
 }
 
 #[cfg(test)]

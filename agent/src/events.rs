@@ -410,6 +410,56 @@ fn target_path(ev: &Event, names: &Names) -> String {
     }
 }
 
+/// The policy and the rule text that made a decision of `identity` with
+/// (`policy_bit`, `rule_id`), in the tables of generation `generation`
+/// (`names`; `None` when this agent does not know it: the decision then
+/// names no policy rather than another generation's). The log and the
+/// host evaluator name decisions with this, so the two read alike.
+pub fn name_hit(
+    names: Option<&Names>,
+    identity: u32,
+    policy_bit: u8,
+    rule_id: u32,
+    generation: u32,
+) -> (String, String) {
+    static NO_NAMES: std::sync::LazyLock<Names> = std::sync::LazyLock::new(Names::default);
+    // The kernel's own fail-closed denies belong to no policy.
+    let unnamed = match rule_id {
+        RULE_ID_TOO_DEEP => Some(format!(
+            "fail-closed: more than {MAX_PATH_DEPTH} levels below the filesystem root"
+        )),
+        RULE_ID_NO_WALK_SLOT => {
+            Some("fail-closed: every walk slot of this CPU was taken by a preempted walk".into())
+        }
+        _ if names.is_none() => Some(format!(
+            "unknown: generation {} is not known to this agent",
+            generation
+        )),
+        _ => None,
+    };
+    let names = names.unwrap_or(&NO_NAMES);
+    let policy = names
+        .identity_policies
+        .get(&identity)
+        .filter(|_| unnamed.is_none())
+        .and_then(|set| set.get(usize::from(policy_bit)))
+        .and_then(|&i| names.policies.get(i))
+        .cloned()
+        .unwrap_or_default();
+    let rule = if let Some(why) = unnamed {
+        why
+    } else if rule_id == RULE_ID_DEFAULT {
+        "default".to_owned()
+    } else {
+        names
+            .rules
+            .get(rule_id as usize)
+            .map(|r| r.rule.clone())
+            .unwrap_or_default()
+    };
+    (policy, rule)
+}
+
 /// Builds the log record for a decision event.
 ///
 /// `names` are the tables of the generation that decided (`ev.generation`),
@@ -422,41 +472,9 @@ pub fn decode(
     workloads: &Compiled,
     boot_epoch_ns: i128,
 ) -> Decision {
+    let (policy, rule) = name_hit(names, ev.identity, ev.policy_bit, ev.rule_id, ev.generation);
     static NO_NAMES: std::sync::LazyLock<Names> = std::sync::LazyLock::new(Names::default);
-    // The kernel's own fail-closed denies belong to no policy.
-    let unnamed = match ev.rule_id {
-        RULE_ID_TOO_DEEP => Some(format!(
-            "fail-closed: more than {MAX_PATH_DEPTH} levels below the filesystem root"
-        )),
-        RULE_ID_NO_WALK_SLOT => {
-            Some("fail-closed: every walk slot of this CPU was taken by a preempted walk".into())
-        }
-        _ if names.is_none() => Some(format!(
-            "unknown: generation {} is not known to this agent",
-            ev.generation
-        )),
-        _ => None,
-    };
     let names = names.unwrap_or(&NO_NAMES);
-    let policy = names
-        .identity_policies
-        .get(&ev.identity)
-        .filter(|_| unnamed.is_none())
-        .and_then(|set| set.get(usize::from(ev.policy_bit)))
-        .and_then(|&i| names.policies.get(i))
-        .cloned()
-        .unwrap_or_default();
-    let rule = if let Some(why) = unnamed {
-        why
-    } else if ev.rule_id == RULE_ID_DEFAULT {
-        "default".to_owned()
-    } else {
-        names
-            .rules
-            .get(ev.rule_id as usize)
-            .map(|r| r.rule.clone())
-            .unwrap_or_default()
-    };
     let cgroup = workloads
         .cgroup_paths
         .get(&ev.cgroup_id)

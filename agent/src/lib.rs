@@ -21,6 +21,7 @@ pub mod node_devices;
 pub mod pin;
 pub mod pod;
 pub mod policy;
+pub mod policy_test;
 pub mod slots;
 pub mod trail;
 pub mod verifier;

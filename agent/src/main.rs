@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use portcullis::{chain, daemon, pin, pod, policy, trail};
+use portcullis::{chain, daemon, pin, pod, policy, policy_test, trail};
 
 #[derive(Parser)]
 #[command(version, about = "Host access enforcement for Linux workloads (eBPF)")]
@@ -136,6 +136,23 @@ enum Command {
         #[arg(long, default_value = pin::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Run policy test files (kind PolicyTest) against the policies they
+    /// name, with the kernel's decision logic on the host; exits 1 when a
+    /// case fails or a file is invalid.
+    Test {
+        /// Test files or directories of *.yaml test files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Also write the results as JUnit XML to this file.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Also write the results (and the uncovered rules) as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// List the rules that matched no case.
+        #[arg(long)]
+        coverage: bool,
+    },
     /// Check policy files; print every error with file, line, column and field.
     Validate {
         /// Policy files or directories.
@@ -170,6 +187,12 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Test {
+            paths,
+            junit,
+            json,
+            coverage,
+        } => policy_test::cli(&paths, junit.as_deref(), json.as_deref(), coverage),
         Command::Validate { paths } => match policy::load_paths(&paths) {
             Ok(policies) => {
                 println!("ok: {} valid policies", policies.len());

@@ -13,12 +13,12 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET,
-    IDENTITY_UNRESTRICTED, IdentityConfig, MODE_ENFORCE, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX,
-    NetRuleSet, RULE_LOG_ALLOW, VERDICT_ALLOW, VERDICT_DENY,
+    IDENTITY_UNRESTRICTED, IdentityConfig, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet,
+    VERDICT_ALLOW, VERDICT_DENY, decide::apply_net_rule,
 };
 
 use crate::{
-    decision::{Decision, Hit, Matches, allow, fill_common, fill_decision, reserve_decision},
+    decision::{Decision, Matches, allow, fill_common, fill_decision, reserve_decision},
     identity,
     maps::{NET_RULES, count, count_decision, count_policy_decision},
 };
@@ -150,26 +150,7 @@ extern "C" fn net_rule(i: u64, ctx: *mut c_void) -> i64 {
     if i >= NET_RULES_PER_PREFIX as u64 || i as u32 >= set.count {
         return 1;
     }
-    let r = &set.rules[i as usize];
-    if scan.port < r.port_lo || scan.port > r.port_hi || (r.proto != 0 && r.proto != scan.proto) {
-        return 0;
-    }
-    let hit = Hit {
-        rule_id: r.rule_id,
-        policy_bit: r.policy_bit,
-        depth: 0,
-    };
-    if r.verdict == VERDICT_DENY {
-        scan.m.deny(r.mode, hit);
-        // The first enforce deny decides (see `inode::inode_rule`: verifiers
-        // before 6.7 would let a later deny overwrite the reported rule).
-        if r.mode == MODE_ENFORCE {
-            return 1;
-        }
-    } else {
-        scan.m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
-    }
-    0
+    apply_net_rule(&mut scan.m, &set.rules[i as usize], scan.port, scan.proto) as i64
 }
 
 #[inline(always)]

@@ -326,7 +326,7 @@ fn parse_located(text: &str, file: &Path) -> (Vec<(Policy, Location)>, Vec<Polic
 
 /// saphyr appends " at line N, column M" to some messages; `PolicyError`
 /// already leads with the position.
-fn strip_location(msg: &str) -> String {
+pub(crate) fn strip_location(msg: &str) -> String {
     if let Some(i) = msg.rfind(" at line ") {
         let tail = &msg[i + " at line ".len()..];
         if let Some((l, c)) = tail.split_once(", column ")
