@@ -405,7 +405,7 @@ impl Builder<'_> {
         for (i, f) in policy.files.iter().enumerate() {
             pr.cfg.flags |= HAS_FILES;
             let id = self.rule(policy, format!("files[{i}] {}", f.path.pattern));
-            let mask = match f.access {
+            let mut mask = match f.access {
                 FileAccess::None => 0,
                 FileAccess::Read => ACCESS_READ,
                 FileAccess::ReadWrite => ACCESS_READ | ACCESS_WRITE,
@@ -420,6 +420,9 @@ impl Builder<'_> {
                     "policy {}: files[{i}] onlyFrom matches no executable: nobody gets access",
                     policy.name
                 ));
+                // No set to check against: say "none" outright, or the rule
+                // would read as "any executable" and grant `access` to all.
+                mask = 0;
             }
             for resolved in self.resolve(policy, &f.path) {
                 pr.files.push((resolved, mask, only.clone(), id));
@@ -626,7 +629,7 @@ pub fn rule_changes(old: &Compiled, new: &Compiled) -> (Vec<String>, Vec<String>
 }
 
 /// `network.egress.allow[3] 10.0.0.0/8` → `network.egress.allow 10.0.0.0/8`.
-fn unnumbered(rule: &str) -> String {
+pub fn unnumbered(rule: &str) -> String {
     match rule.split_once(' ') {
         Some((place, what)) => {
             let place = place.split_once('[').map_or(place, |(p, _)| p);

@@ -320,6 +320,19 @@ fn read_only_and_only_from_rules() {
         "not from an onlyFrom binary"
     );
 
+    // An onlyFrom binary that is not installed (yet) grants nobody access,
+    // not everybody.
+    let only_missing = format!(
+        "    - {{ path: \"{}/secrets/**\", access: read, onlyFrom: [\"/nonexistent/portcullis-bin\"] }}\n",
+        tmp.0.display()
+    );
+    assert!(agent.reload(&files_policy(&cg, &only_missing)));
+    assert_eq!(
+        probe(&cg, &["read", &tmp.str("secrets/token")]),
+        denied,
+        "onlyFrom matching no executable"
+    );
+
     let only_probe = format!(
         "    - {{ path: \"{}/secrets/**\", access: read, onlyFrom: [\"{}\"] }}\n",
         tmp.0.display(),
