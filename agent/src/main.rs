@@ -3,7 +3,9 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use portcullis::{chain, daemon, pin, pod, policy, policy_test, trail};
+use portcullis::{chain, daemon, explain, pin, pod, policy, policy_test, trail};
+
+mod cli_explain;
 
 #[derive(Parser)]
 #[command(version, about = "Host access enforcement for Linux workloads (eBPF)")]
@@ -153,6 +155,48 @@ enum Command {
         #[arg(long)]
         coverage: bool,
     },
+    /// Say how the given policies decide one request, or each decision-log
+    /// line read from --log (`-`: stdin): the identity, the policies that
+    /// select it, every rule that matched and why the verdict is what it is.
+    Explain {
+        #[arg(long = "policy", short = 'p', required = true)]
+        policies: Vec<PathBuf>,
+        /// Decision-log lines to explain (a file, or - for stdin).
+        #[arg(long, conflicts_with_all = ["exec", "open", "connect"])]
+        log: Option<PathBuf>,
+        /// The cgroup v2 path of the acting task.
+        #[arg(long, default_value = "/")]
+        cgroup: String,
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
+        /// The acting executable (for onlyFrom).
+        #[arg(long, default_value = "")]
+        exe: String,
+        #[arg(long, value_name = "PATH")]
+        exec: Option<String>,
+        #[arg(long, value_name = "PATH")]
+        open: Option<String>,
+        /// With --open: read, write or read_write.
+        #[arg(long, default_value = "read")]
+        access: String,
+        #[arg(long, value_name = "IP:PORT")]
+        connect: Option<String>,
+        /// With --connect: UDP instead of TCP.
+        #[arg(long)]
+        udp: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide every line of decision logs again under candidate policies and
+    /// report what would change; exits 1 when anything would.
+    Replay {
+        #[arg(long = "policy", short = 'p', required = true)]
+        policies: Vec<PathBuf>,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check policy files; print every error with file, line, column and field.
     Validate {
         /// Policy files or directories.
@@ -193,6 +237,39 @@ fn main() -> ExitCode {
             json,
             coverage,
         } => policy_test::cli(&paths, junit.as_deref(), json.as_deref(), coverage),
+        Command::Explain {
+            policies,
+            log,
+            cgroup,
+            uid,
+            exe,
+            exec,
+            open,
+            access,
+            connect,
+            udp,
+            json,
+        } => {
+            let request = match (exec, open, connect) {
+                (Some(p), None, None) => Some(("exec", p)),
+                (None, Some(p), None) => Some(("open", p)),
+                (None, None, Some(a)) => Some(("connect", a)),
+                (None, None, None) => None,
+                _ => {
+                    eprintln!("give one of --exec, --open and --connect");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let one = request.map(|(action, target)| {
+                explain::Request::from_args(action, &cgroup, uid, &exe, &target, &access, udp)
+            });
+            cli_explain::explain(&policies, log.as_deref(), one, json)
+        }
+        Command::Replay {
+            policies,
+            files,
+            json,
+        } => cli_explain::replay(&policies, &files, json),
         Command::Validate { paths } => match policy::load_paths(&paths) {
             Ok(policies) => {
                 println!("ok: {} valid policies", policies.len());

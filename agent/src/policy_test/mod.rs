@@ -22,7 +22,7 @@ use std::{
 };
 
 pub use file::{Case, Expect, KIND, Request, TestFile};
-pub use report::{CaseResult, Report};
+pub use report::{CaseResult, Report, verdict_name};
 
 use crate::{
     compile::{self, CgroupInfo, Compiled, Numbering, kernel_dev},

@@ -1,0 +1,451 @@
+//! `portcullis explain` and `portcullis replay`: one request, or the lines of
+//! a decision log, decided again on this machine against given policies by
+//! the host evaluator, with every step of the decision shown.
+//!
+//! Requests come from the decision log's own fields (README "Decision
+//! log"), so a line piped in from the trail is explained as the kernel saw
+//! it. Paths are resolved on this machine's filesystem (run it on the node,
+//! or where the same paths exist). The log does not record pod labels or
+//! the service account: a policy selecting by them selects no replayed
+//! line, and says so.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    sync::Arc,
+};
+
+use portcullis_common::{ACCESS_READ, ACCESS_WRITE};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    compile::{self, CgroupInfo, Compiled, Numbering, kernel_dev, select_cgroup},
+    evaluate::{self, Action, Outcome},
+    pod::{ContainerMetadata, Lookup, PodMetadata},
+    policy::Policy,
+    policy_test::verdict_name,
+};
+
+/// A request as the decision log records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Request {
+    pub action: String,
+    pub cgroup: String,
+    pub uid: u32,
+    pub exe: String,
+    /// Path (exec/open) or `ip:port/protocol` (connect).
+    pub target: String,
+    /// `read`, `write`, `read_write` (open).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access: Option<String>,
+    #[serde(skip)]
+    pod: Option<PodMetadata>,
+    #[serde(skip)]
+    action_: LoggedAction,
+}
+
+#[derive(Debug, Clone)]
+enum LoggedAction {
+    Path {
+        path: String,
+        access: u32,
+        exec: bool,
+        /// (dev, ino) as logged: the level used when the path is gone.
+        logged: Option<(u32, u64)>,
+    },
+    Net {
+        addr: Ipv6Addr,
+        port: u16,
+        proto: u8,
+    },
+}
+
+impl Request {
+    /// Reads one decision-log line. Checkpoint lines and devices are not
+    /// requests (`Ok(None)`).
+    pub fn from_log_line(line: &str) -> Result<Option<Self>, String> {
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        let s = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_owned);
+        let Some(action) = s("/action") else {
+            return Ok(None);
+        };
+        let w = |f: &str| format!("/workload/{f}");
+        let cgroup = s(&w("cgroup")).ok_or("no workload.cgroup")?;
+        let uid = v.pointer(&w("uid")).and_then(Value::as_u64).unwrap_or(0) as u32;
+        let pod = v.pointer(&w("pod")).map(|p| PodMetadata {
+            uid: p["uid"].as_str().unwrap_or_default().into(),
+            namespace: p["namespace"].as_str().unwrap_or_default().into(),
+            name: p["name"].as_str().unwrap_or_default().into(),
+            labels: Default::default(),
+            service_account: None,
+            container: p["container"].as_str().map(|c| ContainerMetadata {
+                id: String::new(),
+                name: c.into(),
+                image: p["image"].as_str().unwrap_or_default().into(),
+            }),
+            provisional: false,
+        });
+        let action_ = match action.as_str() {
+            "connect" => {
+                let ip: IpAddr = s("/target/ip")
+                    .ok_or("no target.ip")?
+                    .parse()
+                    .map_err(|e| format!("target.ip: {e}"))?;
+                LoggedAction::Net {
+                    addr: match ip {
+                        IpAddr::V4(a) => a.to_ipv6_mapped(),
+                        IpAddr::V6(a) => a,
+                    },
+                    port: v
+                        .pointer("/target/port")
+                        .and_then(Value::as_u64)
+                        .ok_or("no target.port")? as u16,
+                    proto: match s("/target/protocol").as_deref() {
+                        Some("udp") => libc::IPPROTO_UDP as u8,
+                        _ => libc::IPPROTO_TCP as u8,
+                    },
+                }
+            }
+            "exec" | "open" => {
+                let access = match s("/target/access").as_deref() {
+                    Some("write") => ACCESS_WRITE,
+                    Some("read_write") => ACCESS_READ | ACCESS_WRITE,
+                    _ => ACCESS_READ,
+                };
+                let num = |f: &str| v.pointer(&format!("/target/{f}")).and_then(Value::as_u64);
+                LoggedAction::Path {
+                    path: s("/target/path").ok_or("no target.path")?,
+                    access,
+                    exec: action == "exec",
+                    logged: num("dev").zip(num("ino")).map(|(d, i)| (d as u32, i)),
+                }
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(Self::new(
+            action,
+            cgroup,
+            uid,
+            s("/exe").unwrap_or_default(),
+            pod,
+            action_,
+        )))
+    }
+
+    /// A request given on the command line: `target` is a path, or
+    /// `IP:PORT` (`[v6]:PORT`) for connect.
+    pub fn from_args(
+        action: &str,
+        cgroup: &str,
+        uid: u32,
+        exe: &str,
+        target: &str,
+        access: &str,
+        udp: bool,
+    ) -> Result<Self, String> {
+        let line = match action {
+            "connect" => {
+                let sa: std::net::SocketAddr = target
+                    .parse()
+                    .map_err(|e| format!("{target}: {e} (want IP:PORT)"))?;
+                serde_json::json!({"action": action, "workload": {"cgroup": cgroup, "uid": uid}, "exe": exe,
+                    "target": {"ip": sa.ip().to_string(), "port": sa.port(), "protocol": if udp { "udp" } else { "tcp" }}})
+            }
+            "exec" | "open" => {
+                serde_json::json!({"action": action, "workload": {"cgroup": cgroup, "uid": uid},
+                "exe": exe, "target": {"path": target, "access": access}})
+            }
+            other => return Err(format!("unknown action {other}: exec, open or connect")),
+        };
+        Self::from_log_line(&line.to_string()).map(|r| r.expect("an action was given"))
+    }
+
+    fn new(
+        action: String,
+        cgroup: String,
+        uid: u32,
+        exe: String,
+        pod: Option<PodMetadata>,
+        action_: LoggedAction,
+    ) -> Self {
+        let (target, access) = match &action_ {
+            LoggedAction::Path {
+                path, access, exec, ..
+            } => (
+                path.clone(),
+                (!exec).then(|| {
+                    match (access & ACCESS_READ != 0, access & ACCESS_WRITE != 0) {
+                        (true, true) => "read_write",
+                        (false, true) => "write",
+                        _ => "read",
+                    }
+                    .to_owned()
+                }),
+            ),
+            LoggedAction::Net { addr, port, proto } => {
+                let ip = addr
+                    .to_ipv4_mapped()
+                    .map_or_else(|| format!("[{addr}]"), |v4| v4.to_string());
+                let p = if *proto == libc::IPPROTO_UDP as u8 {
+                    "udp"
+                } else {
+                    "tcp"
+                };
+                (format!("{ip}:{port}/{p}"), None)
+            }
+        };
+        Self {
+            action,
+            cgroup,
+            uid,
+            exe,
+            target,
+            access,
+            pod,
+            action_,
+        }
+    }
+
+    fn cgroup_info(&self) -> CgroupInfo {
+        let mut cg = CgroupInfo::new(1, self.cgroup.clone());
+        if let Some(p) = &self.pod {
+            cg.pod = Lookup::Known(Arc::new(p.clone()));
+        }
+        cg
+    }
+
+    fn action(&self) -> Result<Action, String> {
+        Ok(match &self.action_ {
+            LoggedAction::Path {
+                path,
+                access,
+                exec,
+                logged,
+            } => {
+                let levels = match evaluate::levels(Path::new(path)) {
+                    Ok(l) => l,
+                    Err(e) => match logged {
+                        // Gone from this machine: its logged inode alone
+                        // still meets a rule naming it, not a directory's.
+                        Some(l) => vec![*l],
+                        None => return Err(format!("{path}: {e}")),
+                    },
+                };
+                if *exec {
+                    Action::Exec { levels }
+                } else {
+                    Action::Open {
+                        levels,
+                        access: *access,
+                    }
+                }
+            }
+            &LoggedAction::Net { addr, port, proto } => Action::Connect { addr, port, proto },
+        })
+    }
+}
+
+/// Compiles `policies` for the one cgroup of `req` (resolving paths on this
+/// machine) and decides `req`.
+pub fn decide(policies: &[Policy], req: &Request) -> Result<(Compiled, Outcome), String> {
+    let numbering = Numbering {
+        generation: 1,
+        first_identity: 1,
+        only_from_base: 1 << 20,
+    };
+    let c =
+        compile::compile(policies, &[req.cgroup_info()], numbering).map_err(|e| e.to_string())?;
+    let exe = std::fs::metadata(&req.exe)
+        .map(|m| (kernel_dev(m.dev()), m.ino()))
+        .unwrap_or((0, 0));
+    let out = evaluate::evaluate(&c, 1, req.uid, exe, &req.action()?);
+    Ok((c, out))
+}
+
+/// Where `rule` (`files[1] /etc/x`, `exec.allow[0] /usr/**`,
+/// `network.egress.deny[2] …`) is written in `policy`: `file:line`.
+pub fn rule_place(policy: &Policy, rule: &str) -> Option<String> {
+    let place = rule.split(' ').next()?;
+    let (list, index) = place.strip_suffix(']')?.split_once('[')?;
+    let i: usize = index.parse().ok()?;
+    let line = match list {
+        "files" => policy.files.get(i)?.path.line,
+        "exec.allow" => policy.exec.as_ref()?.allow.get(i)?.line,
+        "exec.deny" => policy.exec.as_ref()?.deny.get(i)?.line,
+        "network.egress.allow" => policy.egress.as_ref()?.allow.get(i)?.line,
+        "network.egress.deny" => policy.egress.as_ref()?.deny.get(i)?.line,
+        _ => return None,
+    };
+    Some(format!("{}:{line}", policy.source.display()))
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub request: Request,
+    /// `IDENTITY_UNRESTRICTED` (0) when no policy selects the cgroup.
+    pub identity: u32,
+    /// `name (file)` of each policy selecting the workload.
+    pub policies: Vec<String>,
+    /// Policies that apply to the cgroup but not to this uid.
+    pub not_for_uid: Vec<String>,
+    /// Policies that cannot select a logged line: they need pod labels or
+    /// a service account, which the log does not record.
+    pub unjudged: Vec<String>,
+    pub matched: Vec<MatchedRule>,
+    pub verdict: &'static str,
+    pub policy: String,
+    pub rule: String,
+    /// The precedence step that decided, in words.
+    pub why: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MatchedRule {
+    pub policy: String,
+    pub rule: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+/// Decides `req` and says how.
+pub fn explain(policies: &[Policy], req: Request) -> Result<Explanation, String> {
+    let (c, out) = decide(policies, &req)?;
+    let by_name = |name: &str| policies.iter().find(|p| p.name == name);
+    let selected = select_cgroup(policies, &req.cgroup_info());
+    let cfg = c
+        .identity_cfg
+        .get(&out.identity)
+        .copied()
+        .unwrap_or_default();
+    let active = evaluate::active_policies(&cfg, req.uid);
+    let (mut applying, mut not_for_uid) = (Vec::new(), Vec::new());
+    for (bit, &i) in selected.iter().enumerate() {
+        let p = &policies[i];
+        let text = format!("{} ({})", p.name, p.source.display());
+        if active & (1 << bit) != 0 {
+            applying.push(text);
+        } else {
+            not_for_uid.push(text);
+        }
+    }
+    let unjudged = policies
+        .iter()
+        .filter(|p| p.selector.pod_labels.is_some() || p.selector.service_account.is_some())
+        .map(|p| p.name.clone())
+        .collect();
+    let matched = out
+        .matched
+        .iter()
+        .map(|(p, r)| MatchedRule {
+            policy: p.clone(),
+            rule: r.clone(),
+            at: by_name(p).and_then(|pol| rule_place(pol, r)),
+        })
+        .collect();
+    let why = why(&out);
+    Ok(Explanation {
+        request: req,
+        identity: out.identity,
+        policies: applying,
+        not_for_uid,
+        unjudged,
+        matched,
+        verdict: verdict_name(out.decision.verdict),
+        policy: out.policy,
+        rule: out.rule,
+        why,
+    })
+}
+
+fn why(out: &Outcome) -> String {
+    use portcullis_common::{RULE_ID_DEFAULT, VERDICT_ALLOW, VERDICT_AUDIT};
+    let d = &out.decision;
+    if out.identity == portcullis_common::IDENTITY_UNRESTRICTED {
+        return "no policy selects this workload: allowed".into();
+    }
+    match (d.verdict, d.hit.rule_id == RULE_ID_DEFAULT) {
+        (VERDICT_ALLOW, _) if out.matched.is_empty() => {
+            "no rule matched and no policy of this action defaults to deny: allowed".into()
+        }
+        (VERDICT_ALLOW, _) => {
+            "only allow rules matched, and each default-deny policy had one of its own: allowed"
+                .into()
+        }
+        (VERDICT_AUDIT, true) => format!(
+            "audit policy {} defaults to deny and none of its own rules allowed: logged, allowed",
+            out.policy
+        ),
+        (VERDICT_AUDIT, false) => {
+            "an audit-mode rule denies and no enforce rule does: logged, allowed".into()
+        }
+        (_, true) if out.policy.is_empty() => format!("{}: denied", out.rule),
+        (_, true) => format!(
+            "policy {} defaults to deny and none of its own rules allowed: denied",
+            out.policy
+        ),
+        _ => "an enforce rule denies; deny beats allow: denied".into(),
+    }
+}
+
+impl Explanation {
+    pub fn text(&self) -> String {
+        use std::fmt::Write as _;
+        let r = &self.request;
+        let mut s = format!(
+            "request: {} {}{} by uid {} ({}) in cgroup {}\n",
+            r.action,
+            r.target,
+            r.access
+                .as_ref()
+                .map(|a| format!(" ({a})"))
+                .unwrap_or_default(),
+            r.uid,
+            if r.exe.is_empty() {
+                "exe unknown"
+            } else {
+                &r.exe
+            },
+            r.cgroup
+        );
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        let _ = writeln!(s, "identity: {}", self.identity);
+        let _ = writeln!(s, "policies selecting it: {}", list(&self.policies));
+        if !self.not_for_uid.is_empty() {
+            let _ = writeln!(s, "not for uid {}: {}", r.uid, list(&self.not_for_uid));
+        }
+        if !self.unjudged.is_empty() {
+            let _ = writeln!(
+                s,
+                "cannot select a logged line (pod labels or service account are not logged): {}",
+                list(&self.unjudged)
+            );
+        }
+        let _ = writeln!(s, "rules that matched, in the kernel's order:");
+        if self.matched.is_empty() {
+            s.push_str("  none\n");
+        }
+        for m in &self.matched {
+            let at =
+                m.at.as_ref()
+                    .map(|a| format!("  ({a})"))
+                    .unwrap_or_default();
+            let _ = writeln!(s, "  {}: {}{at}", m.policy, m.rule);
+        }
+        let _ = writeln!(s, "why: {}", self.why);
+        let by = if self.policy.is_empty() {
+            self.rule.clone()
+        } else {
+            format!("{}: {}", self.policy, self.rule)
+        };
+        let _ = writeln!(s, "verdict: {} by {by}", self.verdict);
+        s
+    }
+}
