@@ -173,8 +173,11 @@ pub fn apply_inode_rule(
     };
     let denied = requested & !r.allow_mask != 0 || (r.only_from != 0 && !exe_in(r.only_from));
     if denied {
+        // A rule of a policy that does not apply to this task (uid-scoped)
+        // must not end the walk: another policy's deny may lie beyond it.
+        let applies = m.applies(&hit);
         m.deny(r.mode, hit);
-        r.mode == MODE_ENFORCE
+        applies && r.mode == MODE_ENFORCE
     } else {
         m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
         false
@@ -196,8 +199,11 @@ pub fn apply_net_rule(m: &mut Matches, r: &NetRule, port: u16, proto: u8) -> boo
         depth: 0,
     };
     if r.verdict == VERDICT_DENY {
+        // A rule of a policy that does not apply to this task (uid-scoped)
+        // must not end the walk: another policy's deny may lie beyond it.
+        let applies = m.applies(&hit);
         m.deny(r.mode, hit);
-        r.mode == MODE_ENFORCE
+        applies && r.mode == MODE_ENFORCE
     } else {
         m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
         false
@@ -283,6 +289,35 @@ mod tests {
             policy_bit,
             _pad: [0; 2],
         }
+    }
+
+    #[test]
+    fn a_deny_of_a_policy_that_does_not_apply_does_not_end_the_walk() {
+        // Policy 1 is scoped to other uids: its enforce deny is skipped, and
+        // the walk must go on to find policy 0's.
+        let mut m = Matches::new(!0b10);
+        let other = rule(3, 1, MODE_ENFORCE, 0, 0);
+        assert!(!apply_inode_rule(&mut m, &other, 0, ACCESS_READ, |_| false));
+        let net = NetRule {
+            port_lo: 0,
+            port_hi: u16::MAX,
+            proto: 0,
+            verdict: VERDICT_DENY,
+            mode: MODE_ENFORCE,
+            policy_bit: 1,
+            rule_id: 4,
+            flags: 0,
+        };
+        assert!(!apply_net_rule(&mut m, &net, 80, 6));
+        let ours = rule(5, 0, MODE_ENFORCE, 0, RULE_SUBTREE);
+        assert!(apply_inode_rule(&mut m, &ours, 1, ACCESS_READ, |_| false));
+        assert_eq!(
+            m.finish(0, 0).hit,
+            Hit {
+                depth: 1,
+                ..hit(5, 0)
+            }
+        );
     }
 
     #[test]

@@ -88,8 +88,13 @@ pub fn decide_inode_traced(
                 apply_inode_rule(m, &logged, depth, req.requested, exe_in);
             });
             if apply_inode_rule(&mut m, r, depth, req.requested, exe_in) {
-                break 'walk;
+                break;
             }
+        }
+        // As the kernel's `walk_level`: the walk ends at the level where an
+        // enforce deny was recorded, the rule scan at the rule that made it.
+        if m.enforce_denied() {
+            break 'walk;
         }
     }
     if req.levels.len() > MAX_PATH_DEPTH as usize && !m.enforce_denied() {

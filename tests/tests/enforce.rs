@@ -526,6 +526,50 @@ fn uid_selector_applies_only_to_that_users_tasks() {
     );
 }
 
+/// A deny of a uid-scoped policy that does not apply to the caller must not
+/// hide another policy's deny met after it in the same rule set (the same
+/// file; the same network).
+#[test]
+fn a_uid_scoped_deny_does_not_hide_another_policys_deny_from_other_users() {
+    require_kernel!();
+    let tmp = TempDir::new("uid-walk");
+    std::fs::create_dir_all(tmp.path("data")).unwrap();
+    std::fs::write(tmp.path("data/secret"), b"s").unwrap();
+    let listener = Listener::new("127.0.0.1");
+    let port = listener.port.to_string();
+    let cg = Cgroup::create("uid-walk");
+    let for_uid = format!(
+        "{}    uid: 4242\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{port}\"] }}\n  files:\n    - {{ path: \"{}\", access: none }}\n",
+        policy_header("only-4242", "enforce", &cg.path),
+        tmp.str("data/secret")
+    );
+    let for_all = format!(
+        "{}  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32 }}\n  files:\n    - {{ path: \"{}\", access: none }}\n",
+        policy_header("everyone", "enforce", &cg.path),
+        tmp.str("data/secret")
+    );
+    let mut agent = Agent::start(&format!("{for_uid}---\n{for_all}"));
+    let denied = agent.denied("open");
+    let read = ["read", &tmp.str("data/secret")];
+    let connect = ["connect", "127.0.0.1", port.as_str()];
+    assert_eq!(
+        probe_as(&cg, None, &read),
+        denied,
+        "root, by everyone's rule"
+    );
+    assert_eq!(
+        probe_as(&cg, None, &connect),
+        Outcome::Errno(EPERM),
+        "root, by everyone's rule"
+    );
+    assert_eq!(probe_as(&cg, Some(4242), &read), denied);
+    // Without the policy for everyone, root may again.
+    assert!(agent.reload(&for_uid));
+    assert_eq!(probe_as(&cg, None, &read), Outcome::Ok(1));
+    assert_eq!(probe_as(&cg, None, &connect), Outcome::Ok(0));
+    assert_eq!(probe_as(&cg, Some(4242), &connect), Outcome::Errno(EPERM));
+}
+
 /// A `uid` alone selects every cgroup, for that user's tasks: a cgroup the
 /// policy never names is governed, other users in it are not, and the
 /// connect succeeds once the policy no longer denies it.
