@@ -6,8 +6,8 @@
 //! hooks' `bpf_loop` callbacks (see `lowest_bit`).
 
 use crate::{
-    InodeRule, MODE_ENFORCE, NetRule, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY,
+    DeviceRule, InodeRule, MODE_ENFORCE, NetRule, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 /// The rule (or default) that decided.
@@ -206,6 +206,33 @@ pub fn apply_net_rule(m: &mut Matches, r: &NetRule, port: u16, proto: u8) -> boo
         applies && r.mode == MODE_ENFORCE
     } else {
         m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
+        false
+    }
+}
+
+/// Applies one device rule of the (kind, major, minor) or (kind, major, any)
+/// set to a request for `requested` (`ACCESS_*` bits). An allow rule
+/// matches when all of the request is in its access, a deny rule when any
+/// of it is. Returns true when the scan should stop, as
+/// [`apply_inode_rule`].
+#[inline(always)]
+pub fn apply_device_rule(m: &mut Matches, r: &DeviceRule, requested: u32) -> bool {
+    let hit = Hit {
+        rule_id: r.rule_id,
+        policy_bit: r.policy_bit,
+        depth: 0,
+    };
+    if r.verdict == VERDICT_DENY {
+        if requested & r.access == 0 {
+            return false;
+        }
+        let applies = m.applies(&hit);
+        m.deny(r.mode, hit);
+        applies && r.mode == MODE_ENFORCE
+    } else {
+        if requested & !r.access == 0 {
+            m.allow(hit, r.flags as u32 & RULE_LOG_ALLOW != 0);
+        }
         false
     }
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     },
     maps::ring_buf::RingBufEntry,
 };
-pub use portcullis_common::decide::{Decision, Hit, Matches, allow, fail_closed};
+pub use portcullis_common::decide::{Decision, Matches, allow, fail_closed};
 use portcullis_common::{COUNTER_LOST_EVENTS, Event, IdentityConfig, RULE_ID_DEFAULT};
 
 use crate::maps::{EVENTS, count};

@@ -13,10 +13,14 @@ use std::{
 };
 
 use portcullis_common::{
-    ACCESS_EXEC, HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED, IdentityConfig, InodeKey,
-    InodeRule, InodeRuleSet, MAX_PATH_DEPTH, MAX_POLICIES_PER_IDENTITY, NET_KEY_DATA_LEN,
+    ACCESS_EXEC, DEVICE_ANY_MINOR, DEVICE_RULES_PER_KEY, DeviceKey, DeviceRuleSet, HAS_DEVICES,
+    HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED, IdentityConfig, InodeKey, InodeRule,
+    InodeRuleSet, MAX_PATH_DEPTH, MAX_POLICIES_PER_IDENTITY, NET_KEY_DATA_LEN,
     NET_RULES_PER_PREFIX, NetRule, NetRuleSet, RULE_ID_TOO_DEEP, RULE_LOG_ALLOW,
-    decide::{Decision, Hit, Matches, allow, apply_inode_rule, apply_net_rule, fail_closed},
+    decide::{
+        Decision, Hit, Matches, allow, apply_device_rule, apply_inode_rule, apply_net_rule,
+        fail_closed,
+    },
 };
 
 use crate::{
@@ -172,6 +176,54 @@ pub fn decide_net(
     m.finish(cfg.net_deny_enforce, cfg.net_deny_audit)
 }
 
+/// Decides a device open or `mknod` as the kernel's `device` program does:
+/// the rules of the exact (kind, major, minor), then those of (kind, major,
+/// any minor). `requested`: `ACCESS_READ`, `ACCESS_WRITE`, `ACCESS_MKNOD`.
+#[allow(clippy::too_many_arguments)]
+pub fn decide_device(
+    devices: &BTreeMap<DeviceKey, DeviceRuleSet>,
+    identity: u32,
+    cfg: &IdentityConfig,
+    uid: u32,
+    (kind, major, minor): (u32, u32, u32),
+    requested: u32,
+    matched: &mut Vec<Hit>,
+) -> Decision {
+    if cfg.flags & HAS_DEVICES == 0 {
+        return allow();
+    }
+    let active = active_policies(cfg, uid);
+    let mut m = Matches::new(active);
+    for minor in [minor, DEVICE_ANY_MINOR] {
+        let key = DeviceKey {
+            identity,
+            kind,
+            major,
+            minor,
+        };
+        let Some(set) = devices.get(&key) else {
+            continue;
+        };
+        for r in set
+            .rules
+            .iter()
+            .take((set.count as usize).min(DEVICE_RULES_PER_KEY))
+        {
+            trace(matched, active, r.rule_id, |m| {
+                let logged = portcullis_common::DeviceRule {
+                    flags: r.flags | RULE_LOG_ALLOW as u8,
+                    ..*r
+                };
+                apply_device_rule(m, &logged, requested);
+            });
+            if apply_device_rule(&mut m, r, requested) {
+                break;
+            }
+        }
+    }
+    m.finish(cfg.dev_deny_enforce, cfg.dev_deny_audit)
+}
+
 /// The policies of `cfg` that apply to a task running as `uid`: all but the
 /// uid-scoped ones whose range excludes it (the kernel's
 /// `identity::active_policies`).
@@ -218,6 +270,14 @@ pub enum Action {
         addr: Ipv6Addr,
         port: u16,
         proto: u8,
+    },
+    /// `kind`: `DEVICE_CHAR` or `DEVICE_BLOCK`; `access`: `ACCESS_READ`,
+    /// `ACCESS_WRITE` and/or `ACCESS_MKNOD`.
+    Device {
+        kind: u32,
+        major: u32,
+        minor: u32,
+        access: u32,
     },
 }
 
@@ -285,6 +345,20 @@ pub fn evaluate(
         Action::Connect { addr, port, proto } => {
             decide_net(&c.net, identity, &cfg, uid, *addr, *port, *proto, &mut hits)
         }
+        &Action::Device {
+            kind,
+            major,
+            minor,
+            access,
+        } => decide_device(
+            &c.devices,
+            identity,
+            &cfg,
+            uid,
+            (kind, major, minor),
+            access,
+            &mut hits,
+        ),
         _ => allow(),
     };
     let names = Names::of(c);

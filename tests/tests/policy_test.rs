@@ -130,7 +130,8 @@ fn a_bad_test_file_names_file_line_and_field_and_runs_nothing() {
 
 /// What `portcullis test` predicts for a policy is what the kernel does
 /// with it: the cases name real paths (the fixture recreates them), then
-/// the same requests are made as real syscalls in a real cgroup.
+/// the same requests are made as real syscalls (exec, open, connect,
+/// mknod) in a real cgroup.
 #[test]
 fn policy_test_predictions_match_the_kernel() {
     portcullis_tests::require_kernel!();
@@ -146,7 +147,7 @@ fn policy_test_predictions_match_the_kernel() {
     let cg = Cgroup::create("ptest-kernel");
     let t = |rel: &str| tmp.str(rel);
     let policy = format!(
-        "{}  exec:\n    deny: [\"{}\"]\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"], protocol: tcp }}\n  files:\n    - {{ path: \"{}/**\", access: none }}\n    - {{ path: \"{}/**\", access: read }}\n",
+        "{}  exec:\n    deny: [\"{}\"]\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"], protocol: tcp }}\n  files:\n    - {{ path: \"{}/**\", access: none }}\n    - {{ path: \"{}/**\", access: read }}\n  devices:\n    deny:\n      - {{ device: \"c 195:1\", access: [mknod] }}\n",
         policy_header("ptest-kernel", "enforce", &cg.path),
         t("bin/evil"),
         denied_l.port,
@@ -199,6 +200,16 @@ fn policy_test_predictions_match_the_kernel() {
             ],
             "connect",
         ),
+        (
+            "device: {device: \"c 195:1\", access: [mknod]}".into(),
+            vec!["mknod".into(), t("gpu1"), "195".into(), "1".into()],
+            "device",
+        ),
+        (
+            "device: {device: \"c 195:2\", access: [mknod]}".into(),
+            vec!["mknod".into(), t("gpu2"), "195".into(), "2".into()],
+            "device",
+        ),
     ];
     let mut file = format!("{HEADER}policies: [policy.yaml]\ncases:\n");
     for (i, (action, _, _)) in cases.iter().enumerate() {
@@ -221,16 +232,18 @@ fn policy_test_predictions_match_the_kernel() {
         .collect();
     assert_eq!(
         predicted,
-        ["deny", "allow", "deny", "allow", "deny", "deny", "allow"],
+        [
+            "deny", "allow", "deny", "allow", "deny", "deny", "allow", "deny", "allow"
+        ],
         "{report}"
     );
     let agent = Agent::start(&policy);
     for ((action, args, hook), want) in cases.iter().zip(&predicted) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let got = probe(&cg, &args);
-        // Connect is refused with EPERM on every backend.
+        // Connect and device access are refused with EPERM on every backend.
         let denied = match *hook {
-            "connect" => Outcome::Errno(portcullis_tests::EPERM),
+            "connect" | "device" => Outcome::Errno(portcullis_tests::EPERM),
             _ => agent.denied(hook),
         };
         let kernel = if got == denied {

@@ -13,12 +13,12 @@ use aya_ebpf::{helpers::generated::bpf_loop, macros::cgroup_device, programs::De
 use portcullis_common::{
     ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, ACTION_DEVICE, BACKEND_CGROUP_DEVICE,
     COUNTER_ERR_DEVICE, DEVICE_ANY_MINOR, DEVICE_RULES_PER_KEY, DeviceKey, DeviceRuleSet,
-    EVENT_DECISION, Event, HAS_DEVICES, IDENTITY_UNRESTRICTED, IdentityConfig, MODE_ENFORCE,
-    RULE_LOG_ALLOW, VERDICT_ALLOW, VERDICT_DENY,
+    EVENT_DECISION, Event, HAS_DEVICES, IDENTITY_UNRESTRICTED, IdentityConfig, VERDICT_ALLOW,
+    VERDICT_DENY, decide::apply_device_rule,
 };
 
 use crate::{
-    decision::{Decision, Hit, Matches, allow, fill_common, fill_decision, reserve_decision},
+    decision::{Decision, Matches, allow, fill_common, fill_decision, reserve_decision},
     identity,
     maps::{DEVICE_RULES, count, count_decision, count_policy_decision},
 };
@@ -119,24 +119,7 @@ extern "C" fn device_rule(i: u64, ctx: *mut c_void) -> i64 {
     if i >= DEVICE_RULES_PER_KEY as u64 || i as u32 >= set.count {
         return 1;
     }
-    let r = &set.rules[i as usize];
-    let hit = Hit {
-        rule_id: r.rule_id,
-        policy_bit: r.policy_bit,
-        depth: 0,
-    };
-    if r.verdict == VERDICT_DENY {
-        if scan.requested & r.access != 0 {
-            scan.m.deny(r.mode, hit);
-            // The first enforce deny decides (see `inode::inode_rule`).
-            if r.mode == MODE_ENFORCE {
-                return 1;
-            }
-        }
-    } else if scan.requested & !r.access == 0 {
-        scan.m.allow(hit, r.flags as u32 & RULE_LOG_ALLOW != 0);
-    }
-    0
+    apply_device_rule(&mut scan.m, &set.rules[i as usize], scan.requested) as i64
 }
 
 #[inline(always)]

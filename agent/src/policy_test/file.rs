@@ -8,7 +8,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use portcullis_common::{ACCESS_READ, ACCESS_WRITE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY};
+use portcullis_common::{
+    ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, DEVICE_BLOCK, DEVICE_CHAR, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY,
+};
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
@@ -24,6 +27,9 @@ struct Raw {
     policies: Vec<String>,
     #[serde(default)]
     fixture: Vec<Spanned<String>>,
+    /// A directory standing for `/proc`, relative to the test file: where
+    /// device kinds (`nvidia-gpu`, ...) find their numbers.
+    node_proc: Option<String>,
     cases: Vec<Spanned<RawCase>>,
 }
 
@@ -35,7 +41,37 @@ struct RawCase {
     exec: Option<String>,
     open: Option<RawOpen>,
     connect: Option<RawConnect>,
+    device: Option<RawDevice>,
     expect: RawExpect,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    /// `c 195:0`, `b 8:0`, or `195:0` (char).
+    device: String,
+    /// Default: read and write (an open for both).
+    access: Option<Vec<DeviceAccess>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum DeviceAccess {
+    Read,
+    Write,
+    Mknod,
+}
+
+/// `c 195:0` → (`DEVICE_CHAR`, 195, 0).
+fn device_number(s: &str) -> Option<(u32, u32, u32)> {
+    let (kind, num) = match s.split_once(' ') {
+        Some(("c", n)) => (DEVICE_CHAR, n),
+        Some(("b", n)) => (DEVICE_BLOCK, n),
+        Some(_) => return None,
+        None => (DEVICE_CHAR, s),
+    };
+    let (major, minor) = num.split_once(':')?;
+    Some((kind, major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// Who acts. `exe` is only asked by `onlyFrom` rules; without it the task
@@ -127,6 +163,13 @@ pub enum Request {
         port: u16,
         proto: u8,
     },
+    /// `kind`: `DEVICE_CHAR` or `DEVICE_BLOCK`; `access`: `ACCESS_*` bits.
+    Device {
+        kind: u32,
+        major: u32,
+        minor: u32,
+        access: u32,
+    },
 }
 
 /// What a case requires of the decision.
@@ -156,6 +199,9 @@ pub struct TestFile {
     /// Paths that exist in the fixture besides those the cases name; one
     /// ending in `/` is a directory.
     pub fixture: Vec<String>,
+    /// Stands for `/proc` in device-kind resolution (resolved against the
+    /// test file's directory); none: a node without device drivers.
+    pub node_proc: Option<PathBuf>,
     pub cases: Vec<Case>,
 }
 
@@ -227,9 +273,33 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
         let mut bad = |field: &str, message: &str| {
             errors.push(error(path, at, format!("cases[{i}].{field}"), message));
         };
-        let request = match (c.exec, c.open, c.connect) {
-            (Some(path), None, None) => Request::Exec { path },
-            (None, Some(o), None) => Request::Open {
+        let request = match (c.exec, c.open, c.connect, c.device) {
+            (None, None, None, Some(d)) => {
+                let Some((kind, major, minor)) = device_number(&d.device) else {
+                    bad(
+                        "device.device",
+                        "expected `c MAJOR:MINOR`, `b MAJOR:MINOR` or `MAJOR:MINOR`",
+                    );
+                    continue;
+                };
+                let access = d.access.map_or(ACCESS_READ | ACCESS_WRITE, |a| {
+                    a.iter().fold(0, |m, x| {
+                        m | match x {
+                            DeviceAccess::Read => ACCESS_READ,
+                            DeviceAccess::Write => ACCESS_WRITE,
+                            DeviceAccess::Mknod => ACCESS_MKNOD,
+                        }
+                    })
+                });
+                Request::Device {
+                    kind,
+                    major,
+                    minor,
+                    access,
+                }
+            }
+            (Some(path), None, None, None) => Request::Exec { path },
+            (None, Some(o), None, None) => Request::Open {
                 path: o.path,
                 access: match o.access {
                     Access::Read => ACCESS_READ,
@@ -237,7 +307,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
                     Access::Readwrite => ACCESS_READ | ACCESS_WRITE,
                 },
             },
-            (None, None, Some(c)) => Request::Connect {
+            (None, None, Some(c), None) => Request::Connect {
                 addr: match c.address {
                     IpAddr::V4(a) => a.to_ipv6_mapped(),
                     IpAddr::V6(a) => a,
@@ -249,7 +319,10 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
                 },
             },
             _ => {
-                bad("exec", "a case makes exactly one of exec, open and connect");
+                bad(
+                    "exec",
+                    "a case makes exactly one of exec, open, connect and device",
+                );
                 continue;
             }
         };
@@ -257,7 +330,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
             match &request {
                 Request::Exec { path } => Some(("exec", path)),
                 Request::Open { path, .. } => Some(("open.path", path)),
-                Request::Connect { .. } => None,
+                Request::Connect { .. } | Request::Device { .. } => None,
             },
             c.workload.exe.as_ref().map(|e| ("workload.exe", e)),
         ];
@@ -299,6 +372,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
         path: path.to_owned(),
         policies: raw.policies.iter().map(|p| dir.join(p)).collect(),
         fixture: raw.fixture.into_iter().map(|f| f.value).collect(),
+        node_proc: raw.node_proc.map(|p| dir.join(p)),
         cases,
     })
 }

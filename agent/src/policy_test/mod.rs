@@ -99,14 +99,14 @@ fn run_file(path: &Path) -> Result<(Vec<CaseResult>, RuleNames, RuleNames), Vec<
         first_identity: 1,
         only_from_base: 1 << 20,
     };
-    let compiled = compile::compile_under(
-        &policies,
-        &cgroups,
-        numbering,
-        Arc::default(),
-        &fixture.root,
-    )
-    .map_err(|e| vec![io_error(path, e)])?;
+    let node = Arc::new(
+        t.node_proc
+            .as_deref()
+            .map(crate::node_devices::NodeDevices::discover)
+            .unwrap_or_default(),
+    );
+    let compiled = compile::compile_under(&policies, &cgroups, numbering, node, &fixture.root)
+        .map_err(|e| vec![io_error(path, e)])?;
     let mut decided = RuleNames::new();
     let mut results = Vec::new();
     for (i, case) in t.cases.iter().enumerate() {
@@ -160,6 +160,17 @@ fn decide(c: &Compiled, fx: &Fixture, cgroup_id: u64, case: &Case) -> std::io::R
             access: *access,
         },
         &Request::Connect { addr, port, proto } => Action::Connect { addr, port, proto },
+        &Request::Device {
+            kind,
+            major,
+            minor,
+            access,
+        } => Action::Device {
+            kind,
+            major,
+            minor,
+            access,
+        },
     };
     Ok(evaluate::evaluate(
         c,
@@ -194,7 +205,7 @@ impl Fixture {
         for c in &t.cases {
             match &c.request {
                 Request::Exec { path } | Request::Open { path, .. } => files.insert(path),
-                Request::Connect { .. } => false,
+                Request::Connect { .. } | Request::Device { .. } => false,
             };
             if let Some(e) = &c.workload.exe {
                 files.insert(e);
