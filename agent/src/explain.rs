@@ -16,13 +16,14 @@ use std::{
     sync::Arc,
 };
 
-use portcullis_common::{ACCESS_READ, ACCESS_WRITE};
+use portcullis_common::{ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, DEVICE_BLOCK, DEVICE_CHAR};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
     compile::{self, CgroupInfo, Compiled, Numbering, kernel_dev, select_cgroup},
     evaluate::{self, Action, Outcome},
+    node_devices::NodeDevices,
     pod::{ContainerMetadata, Lookup, PodMetadata},
     policy::Policy,
     policy_test::verdict_name,
@@ -60,11 +61,17 @@ enum LoggedAction {
         port: u16,
         proto: u8,
     },
+    Device {
+        kind: u32,
+        major: u32,
+        minor: u32,
+        access: u32,
+    },
 }
 
 impl Request {
-    /// Reads one decision-log line. Checkpoint lines and devices are not
-    /// requests (`Ok(None)`).
+    /// Reads one decision-log line. Checkpoint lines are not requests
+    /// (`Ok(None)`).
     pub fn from_log_line(line: &str) -> Result<Option<Self>, String> {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
         let s = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_owned);
@@ -122,6 +129,31 @@ impl Request {
                     logged: num("dev").zip(num("ino")).map(|(d, i)| (d as u32, i)),
                 }
             }
+            "device" => {
+                let dev = s("/target/device").ok_or("no target.device")?;
+                let parsed = dev.split_once(' ').and_then(|(k, n)| {
+                    let kind = match k {
+                        "c" => DEVICE_CHAR,
+                        "b" => DEVICE_BLOCK,
+                        _ => return None,
+                    };
+                    let (ma, mi) = n.split_once(':')?;
+                    Some((kind, ma.parse().ok()?, mi.parse().ok()?))
+                });
+                let (kind, major, minor) = parsed
+                    .ok_or_else(|| format!("target.device {dev}: expected `c MAJOR:MINOR`"))?;
+                LoggedAction::Device {
+                    kind,
+                    major,
+                    minor,
+                    access: match s("/target/access").as_deref() {
+                        Some("mknod") => ACCESS_MKNOD,
+                        Some("write") => ACCESS_WRITE,
+                        Some("read_write") => ACCESS_READ | ACCESS_WRITE,
+                        _ => ACCESS_READ,
+                    },
+                }
+            }
             _ => return Ok(None),
         };
         Ok(Some(Self::new(
@@ -153,11 +185,16 @@ impl Request {
                 serde_json::json!({"action": action, "workload": {"cgroup": cgroup, "uid": uid}, "exe": exe,
                     "target": {"ip": sa.ip().to_string(), "port": sa.port(), "protocol": if udp { "udp" } else { "tcp" }}})
             }
-            "exec" | "open" => {
+            "exec" | "open" | "device" => {
+                let key = if action == "device" { "device" } else { "path" };
                 serde_json::json!({"action": action, "workload": {"cgroup": cgroup, "uid": uid},
-                "exe": exe, "target": {"path": target, "access": access}})
+                "exe": exe, "target": {key: target, "access": access}})
             }
-            other => return Err(format!("unknown action {other}: exec, open or connect")),
+            other => {
+                return Err(format!(
+                    "unknown action {other}: exec, open, connect or device"
+                ));
+            }
         };
         Self::from_log_line(&line.to_string()).map(|r| r.expect("an action was given"))
     }
@@ -195,6 +232,26 @@ impl Request {
                 };
                 (format!("{ip}:{port}/{p}"), None)
             }
+            LoggedAction::Device {
+                kind,
+                major,
+                minor,
+                access,
+            } => (
+                format!(
+                    "{} {major}:{minor}",
+                    if *kind == DEVICE_BLOCK { "b" } else { "c" }
+                ),
+                Some(
+                    match *access {
+                        ACCESS_MKNOD => "mknod",
+                        a if a == ACCESS_READ | ACCESS_WRITE => "read_write",
+                        ACCESS_WRITE => "write",
+                        _ => "read",
+                    }
+                    .to_owned(),
+                ),
+            ),
         };
         Self {
             action,
@@ -243,29 +300,68 @@ impl Request {
                 }
             }
             &LoggedAction::Net { addr, port, proto } => Action::Connect { addr, port, proto },
+            &LoggedAction::Device {
+                kind,
+                major,
+                minor,
+                access,
+            } => Action::Device {
+                kind,
+                major,
+                minor,
+                access,
+            },
         })
     }
 }
 
-/// Compiles `policies` for the one cgroup of `req` (resolving paths on this
-/// machine) and decides `req`.
-pub fn decide(policies: &[Policy], req: &Request) -> Result<(Compiled, Outcome), String> {
+/// Compiles `policies` once for the cgroups of all `reqs` (resolving paths
+/// and device kinds on this machine) and decides each.
+pub fn decide_all(
+    policies: &[Policy],
+    reqs: &[Request],
+) -> Result<(Compiled, Vec<Result<Outcome, String>>), String> {
     let numbering = Numbering {
         generation: 1,
         first_identity: 1,
         only_from_base: 1 << 20,
     };
-    let c =
-        compile::compile(policies, &[req.cgroup_info()], numbering).map_err(|e| e.to_string())?;
-    let exe = std::fs::metadata(&req.exe)
-        .map(|m| (kernel_dev(m.dev()), m.ino()))
-        .unwrap_or((0, 0));
-    let out = evaluate::evaluate(&c, 1, req.uid, exe, &req.action()?);
-    Ok((c, out))
+    // One cgroup per distinct (path, pod), numbered from 1.
+    let mut ids: Vec<(String, Option<String>)> = Vec::new();
+    let mut cgroups = Vec::new();
+    let mut id_of = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        let key = (r.cgroup.clone(), r.pod.as_ref().map(|p| format!("{p:?}")));
+        let id = match ids.iter().position(|k| *k == key) {
+            Some(i) => i as u64 + 1,
+            None => {
+                ids.push(key);
+                let mut cg = r.cgroup_info();
+                cg.id = ids.len() as u64;
+                cgroups.push(cg);
+                ids.len() as u64
+            }
+        };
+        id_of.push(id);
+    }
+    let node = Arc::new(NodeDevices::discover(Path::new("/proc")));
+    let c = compile::compile_on(policies, &cgroups, numbering, node).map_err(|e| e.to_string())?;
+    let outs = reqs
+        .iter()
+        .zip(id_of)
+        .map(|(r, id)| {
+            let exe = std::fs::metadata(&r.exe)
+                .map(|m| (kernel_dev(m.dev()), m.ino()))
+                .unwrap_or((0, 0));
+            Ok(evaluate::evaluate(&c, id, r.uid, exe, &r.action()?))
+        })
+        .collect();
+    Ok((c, outs))
 }
 
 /// Where `rule` (`files[1] /etc/x`, `exec.allow[0] /usr/**`,
-/// `network.egress.deny[2] …`) is written in `policy`: `file:line`.
+/// `network.egress.deny[2] …`, `devices.allow[0] …`) is written in
+/// `policy`: `file:line`.
 pub fn rule_place(policy: &Policy, rule: &str) -> Option<String> {
     let place = rule.split(' ').next()?;
     let (list, index) = place.strip_suffix(']')?.split_once('[')?;
@@ -276,6 +372,8 @@ pub fn rule_place(policy: &Policy, rule: &str) -> Option<String> {
         "exec.deny" => policy.exec.as_ref()?.deny.get(i)?.line,
         "network.egress.allow" => policy.egress.as_ref()?.allow.get(i)?.line,
         "network.egress.deny" => policy.egress.as_ref()?.deny.get(i)?.line,
+        "devices.allow" => policy.devices.as_ref()?.allow.get(i)?.line,
+        "devices.deny" => policy.devices.as_ref()?.deny.get(i)?.line,
         _ => return None,
     };
     Some(format!("{}:{line}", policy.source.display()))
@@ -311,7 +409,8 @@ pub struct MatchedRule {
 
 /// Decides `req` and says how.
 pub fn explain(policies: &[Policy], req: Request) -> Result<Explanation, String> {
-    let (c, out) = decide(policies, &req)?;
+    let (c, mut outs) = decide_all(policies, std::slice::from_ref(&req))?;
+    let out = outs.pop().expect("one request")?;
     let by_name = |name: &str| policies.iter().find(|p| p.name == name);
     let selected = select_cgroup(policies, &req.cgroup_info());
     let cfg = c

@@ -162,7 +162,7 @@ enum Command {
         #[arg(long = "policy", short = 'p', required = true)]
         policies: Vec<PathBuf>,
         /// Decision-log lines to explain (a file, or - for stdin).
-        #[arg(long, conflicts_with_all = ["exec", "open", "connect"])]
+        #[arg(long, conflicts_with_all = ["exec", "open", "connect", "device"])]
         log: Option<PathBuf>,
         /// The cgroup v2 path of the acting task.
         #[arg(long, default_value = "/")]
@@ -176,7 +176,10 @@ enum Command {
         exec: Option<String>,
         #[arg(long, value_name = "PATH")]
         open: Option<String>,
-        /// With --open: read, write or read_write.
+        /// A device open or mknod: `c MAJOR:MINOR` or `b MAJOR:MINOR`.
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<String>,
+        /// With --open: read, write or read_write; with --device also mknod.
         #[arg(long, default_value = "read")]
         access: String,
         #[arg(long, value_name = "IP:PORT")]
@@ -247,16 +250,18 @@ fn main() -> ExitCode {
             open,
             access,
             connect,
+            device,
             udp,
             json,
         } => {
-            let request = match (exec, open, connect) {
-                (Some(p), None, None) => Some(("exec", p)),
-                (None, Some(p), None) => Some(("open", p)),
-                (None, None, Some(a)) => Some(("connect", a)),
-                (None, None, None) => None,
+            let request = match (exec, open, connect, device) {
+                (Some(p), None, None, None) => Some(("exec", p)),
+                (None, Some(p), None, None) => Some(("open", p)),
+                (None, None, Some(a), None) => Some(("connect", a)),
+                (None, None, None, Some(d)) => Some(("device", d)),
+                (None, None, None, None) => None,
                 _ => {
-                    eprintln!("give one of --exec, --open and --connect");
+                    eprintln!("give one of --exec, --open, --connect and --device");
                     return ExitCode::FAILURE;
                 }
             };

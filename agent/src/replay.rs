@@ -8,10 +8,7 @@
 //! rules with `log: true`. The kernel counts the other allows
 //! (`portcullis_decisions_total`) without recording the request.
 
-use std::{
-    io::BufRead as _,
-    path::{Path, PathBuf},
-};
+use std::{io::BufRead as _, path::PathBuf};
 
 use portcullis_common::{VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY};
 use serde::Serialize;
@@ -75,68 +72,80 @@ fn classify(before: &str, after: u8) -> Option<Change> {
     }
 }
 
-/// Replays every decision line of `files` under `candidate`.
+/// One decision line: where it is, what was asked, what was decided.
+struct Logged {
+    file: PathBuf,
+    line: usize,
+    request: Request,
+    before: Verdict,
+}
+
+/// Replays every decision line of `files` under `candidate`, compiled
+/// once for every workload the lines name.
 pub fn replay(candidate: &[Policy], files: &[PathBuf]) -> Result<Report, String> {
     let mut report = Report::default();
+    let mut logged = Vec::new();
     for file in files {
         let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
         for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
             let line = line.map_err(|e| format!("{}: {e}", file.display()))?;
-            replay_line(candidate, file, i + 1, &line, &mut report);
+            let at = || format!("{}:{}", file.display(), i + 1);
+            match Request::from_log_line(&line) {
+                Ok(Some(request)) => {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    let field = |f: &str| v[f].as_str().unwrap_or_default().to_owned();
+                    logged.push(Logged {
+                        file: file.clone(),
+                        line: i + 1,
+                        request,
+                        before: Verdict {
+                            verdict: field("verdict"),
+                            policy: field("policy"),
+                            rule: field("rule"),
+                        },
+                    });
+                }
+                Ok(None) => report.skipped += 1,
+                Err(e) => report.errors.push(format!("{}: {e}", at())),
+            }
+        }
+    }
+    let requests: Vec<Request> = logged.iter().map(|l| l.request.clone()).collect();
+    let (_, outcomes) = explain::decide_all(candidate, &requests)?;
+    for (l, out) in logged.into_iter().zip(outcomes) {
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("{}:{}: {e}", l.file.display(), l.line));
+                continue;
+            }
+        };
+        report.replayed += 1;
+        let after = Verdict {
+            verdict: verdict_name(out.decision.verdict).into(),
+            policy: out.policy,
+            rule: out.rule,
+        };
+        // Rule numbers shift when a rule is inserted above: compare what
+        // the rules say, as reload logs do.
+        let same_rule = l.before.policy == after.policy
+            && unnumbered(&l.before.rule) == unnumbered(&after.rule);
+        let change = classify(&l.before.verdict, out.decision.verdict)
+            .or((!same_rule && l.before.verdict != "allow").then_some(Change::RuleChanged));
+        if let Some(change) = change {
+            report.changed.push(Changed {
+                file: l.file,
+                line: l.line,
+                change,
+                request: l.request,
+                before: l.before,
+                after,
+            });
         }
     }
     Ok(report)
-}
-
-fn replay_line(candidate: &[Policy], file: &Path, n: usize, line: &str, report: &mut Report) {
-    let at = || format!("{}:{n}", file.display());
-    let req = match Request::from_log_line(line) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            report.skipped += 1;
-            return;
-        }
-        Err(e) => {
-            report.errors.push(format!("{}: {e}", at()));
-            return;
-        }
-    };
-    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-    let field = |f: &str| v[f].as_str().unwrap_or_default().to_owned();
-    let before = Verdict {
-        verdict: field("verdict"),
-        policy: field("policy"),
-        rule: field("rule"),
-    };
-    let out = match explain::decide(candidate, &req) {
-        Ok((_, out)) => out,
-        Err(e) => {
-            report.errors.push(format!("{}: {e}", at()));
-            return;
-        }
-    };
-    report.replayed += 1;
-    let after = Verdict {
-        verdict: verdict_name(out.decision.verdict).into(),
-        policy: out.policy,
-        rule: out.rule,
-    };
-    // Rule numbers shift when a rule is inserted above: compare what the
-    // rules say, as reload logs do.
-    let same_rule =
-        before.policy == after.policy && unnumbered(&before.rule) == unnumbered(&after.rule);
-    let change = classify(&before.verdict, out.decision.verdict)
-        .or((!same_rule && before.verdict != "allow").then_some(Change::RuleChanged));
-    if let Some(change) = change {
-        report.changed.push(Changed {
-            file: file.to_owned(),
-            line: n,
-            change,
-            request: req,
-            before,
-            after,
-        });
-    }
 }
 
 impl Report {

@@ -28,7 +28,7 @@ fn explain_agrees_with_the_kernels_log_and_replay_shows_what_enforce_would_deny(
     let cg = Cgroup::create("explain");
     let policy = |mode: &str| {
         format!(
-            "{}  exec:\n    deny: [\"{}\"]\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"] }}\n  files:\n    - {{ path: \"{}/**\", access: none }}\n",
+            "{}  exec:\n    deny: [\"{}\"]\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"] }}\n  files:\n    - {{ path: \"{}/**\", access: none }}\n  devices:\n    deny:\n      - {{ device: \"c 195:1\", access: [mknod] }}\n",
             policy_header("explain", mode, &cg.path),
             tmp.str("bin/tool"),
             l.port,
@@ -41,10 +41,12 @@ fn explain_agrees_with_the_kernels_log_and_replay_shows_what_enforce_would_deny(
     let port = l.port.to_string();
     let token = tmp.str("secrets/token");
     let tool = tmp.str("bin/tool");
-    let calls: [(&str, Vec<&str>); 3] = [
+    let gpu1 = tmp.str("gpu1");
+    let calls: [(&str, Vec<&str>); 4] = [
         ("exec", vec!["exec", &tool]),
         ("open", vec!["read", &token]),
         ("connect", vec!["connect", "127.0.0.1", &port]),
+        ("device", vec!["mknod", &gpu1, "195", "1"]),
     ];
 
     // A week in audit mode, in brief: everything runs, and is logged.
@@ -74,7 +76,7 @@ fn explain_agrees_with_the_kernels_log_and_replay_shows_what_enforce_would_deny(
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(explained.len(), 3, "{stdout}");
+    assert_eq!(explained.len(), 4, "{stdout}");
     for (e, logged) in explained.iter().zip(&lines) {
         assert_eq!(e["verdict"], logged["verdict"], "{e}\n{logged}");
         assert_eq!(e["verdict"], "audit");
@@ -102,26 +104,28 @@ fn explain_agrees_with_the_kernels_log_and_replay_shows_what_enforce_would_deny(
     let (code, stdout, _) = cli(&["replay", "-p", &audit, log]);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(
-        stdout.contains("3 decisions replayed: 0 newly denied"),
+        stdout.contains("4 decisions replayed: 0 newly denied"),
         "{stdout}"
     );
     let (code, stdout, _) = cli(&["replay", "-p", &enforce, log, "--json"]);
     assert_eq!(code, Some(1), "{stdout}");
     let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(r["replayed"], 3);
+    assert_eq!(r["replayed"], 4);
     let changes: Vec<&str> = r["changed"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| c["change"].as_str().unwrap())
         .collect();
-    assert_eq!(changes, ["newly_denied"; 3], "{r}");
+    assert_eq!(changes, ["newly_denied"; 4], "{r}");
 
     // And the kernel, under the enforce version, does what replay said.
     assert!(agent.reload(&policy("enforce")));
+    // (a node that exists already would fail with EEXIST before the check)
+    std::fs::remove_file(tmp.path("gpu1")).unwrap();
     for (action, args) in &calls {
         let denied = match *action {
-            "connect" => Outcome::Errno(portcullis_tests::EPERM),
+            "connect" | "device" => Outcome::Errno(portcullis_tests::EPERM),
             hook => agent.denied(hook),
         };
         assert_eq!(probe(&cg, args), denied, "{action} under enforce");
