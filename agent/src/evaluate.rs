@@ -13,10 +13,10 @@ use std::{
 };
 
 use portcullis_common::{
-    ACCESS_EXEC, DEVICE_ANY_MINOR, DEVICE_RULES_PER_KEY, DeviceKey, DeviceRuleSet, HAS_DEVICES,
-    HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED, IdentityConfig, InodeKey, InodeRule,
-    InodeRuleSet, MAX_PATH_DEPTH, MAX_POLICIES_PER_IDENTITY, NET_KEY_DATA_LEN,
-    NET_RULES_PER_PREFIX, NetRule, NetRuleSet, RULE_ID_TOO_DEEP, RULE_LOG_ALLOW,
+    ACCESS_EXEC, DEVICE_ANY_MINOR, DEVICE_BLOCK, DEVICE_CHAR, DEVICE_RULES_PER_KEY, DeviceKey,
+    DeviceRuleSet, HAS_DEVICES, HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED,
+    IdentityConfig, InodeKey, InodeRule, InodeRuleSet, MAX_PATH_DEPTH, MAX_POLICIES_PER_IDENTITY,
+    NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRule, NetRuleSet, RULE_ID_TOO_DEEP, RULE_LOG_ALLOW,
     decide::{
         Decision, Hit, Matches, allow, apply_device_rule, apply_inode_rule, apply_net_rule,
         fail_closed,
@@ -254,15 +254,33 @@ pub fn levels(path: &Path) -> io::Result<Vec<(u32, u64)>> {
     Ok(out)
 }
 
-/// What a workload does, with paths already turned into the walk's levels.
+/// `c 195:0` → (`DEVICE_CHAR`, 195, 0); `b 8:0` a block device; no letter
+/// is a char device. How policy tests and decision logs name a device.
+pub fn parse_device(s: &str) -> Option<(u32, u32, u32)> {
+    let (kind, num) = match s.split_once(' ') {
+        Some(("c", n)) => (DEVICE_CHAR, n),
+        Some(("b", n)) => (DEVICE_BLOCK, n),
+        Some(_) => return None,
+        None => (DEVICE_CHAR, s),
+    };
+    let (major, minor) = num.split_once(':')?;
+    Some((kind, major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The (dev, ino) levels of a path, from the target up: what the walk sees.
+pub type Levels = Vec<(u32, u64)>;
+
+/// What a workload does. `P` is how a path is given: as the walk's
+/// [`Levels`] (what [`evaluate`] takes), or as text where requests are read
+/// (policy tests, decision-log lines).
 #[derive(Debug, Clone)]
-pub enum Action {
+pub enum Action<P = Levels> {
     Exec {
-        levels: Vec<(u32, u64)>,
+        path: P,
     },
     /// `access`: `ACCESS_READ` and/or `ACCESS_WRITE`.
     Open {
-        levels: Vec<(u32, u64)>,
+        path: P,
         access: u32,
     },
     /// `proto`: 6 tcp, 17 udp; `addr` IPv4-mapped for IPv4.
@@ -279,6 +297,38 @@ pub enum Action {
         minor: u32,
         access: u32,
     },
+}
+
+impl<P> Action<P> {
+    /// The same action with its path turned into a `Q` by `f`.
+    pub fn try_map_path<Q, E>(&self, f: impl FnOnce(&P) -> Result<Q, E>) -> Result<Action<Q>, E> {
+        Ok(match self {
+            Action::Exec { path } => Action::Exec { path: f(path)? },
+            Action::Open { path, access } => Action::Open {
+                path: f(path)?,
+                access: *access,
+            },
+            &Action::Connect { addr, port, proto } => Action::Connect { addr, port, proto },
+            &Action::Device {
+                kind,
+                major,
+                minor,
+                access,
+            } => Action::Device {
+                kind,
+                major,
+                minor,
+                access,
+            },
+        })
+    }
+
+    pub fn path(&self) -> Option<&P> {
+        match self {
+            Action::Exec { path } | Action::Open { path, .. } => Some(path),
+            _ => None,
+        }
+    }
 }
 
 /// The decision on one request, named as the decision log names it.
@@ -332,16 +382,17 @@ pub fn evaluate(
     };
     let decision = match action {
         _ if identity == IDENTITY_UNRESTRICTED => allow(),
-        Action::Exec { levels } if cfg.flags & HAS_EXEC != 0 => inode(
+        Action::Exec { path: levels } if cfg.flags & HAS_EXEC != 0 => inode(
             &c.exec,
             ACCESS_EXEC,
             cfg.exec_deny_enforce,
             cfg.exec_deny_audit,
             levels,
         ),
-        Action::Open { levels, access } if cfg.flags & HAS_FILES != 0 => {
-            inode(&c.files, *access, 0, 0, levels)
-        }
+        Action::Open {
+            path: levels,
+            access,
+        } if cfg.flags & HAS_FILES != 0 => inode(&c.files, *access, 0, 0, levels),
         Action::Connect { addr, port, proto } => {
             decide_net(&c.net, identity, &cfg, uid, *addr, *port, *proto, &mut hits)
         }

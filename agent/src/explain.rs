@@ -9,20 +9,15 @@
 //! the service account: a policy selecting by them selects no replayed
 //! line, and says so.
 
-use std::{
-    net::{IpAddr, Ipv6Addr},
-    os::unix::fs::MetadataExt as _,
-    path::Path,
-    sync::Arc,
-};
+use std::{net::IpAddr, os::unix::fs::MetadataExt as _, path::Path, sync::Arc};
 
-use portcullis_common::{ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, DEVICE_BLOCK, DEVICE_CHAR};
+use portcullis_common::{ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
     compile::{self, CgroupInfo, Compiled, Numbering, kernel_dev, select_cgroup},
-    evaluate::{self, Action, Outcome},
+    evaluate::{self, Action, Levels, Outcome},
     node_devices::NodeDevices,
     pod::{ContainerMetadata, Lookup, PodMetadata},
     policy::Policy,
@@ -44,29 +39,38 @@ pub struct Request {
     #[serde(skip)]
     pod: Option<PodMetadata>,
     #[serde(skip)]
-    action_: LoggedAction,
+    action_: Action<LoggedPath>,
 }
 
+/// A path as logged, with the (dev, ino) the kernel saw: the level used
+/// when the path is gone from this machine.
 #[derive(Debug, Clone)]
-enum LoggedAction {
-    Path {
-        path: String,
-        access: u32,
-        exec: bool,
-        /// (dev, ino) as logged: the level used when the path is gone.
-        logged: Option<(u32, u64)>,
-    },
-    Net {
-        addr: Ipv6Addr,
-        port: u16,
-        proto: u8,
-    },
-    Device {
-        kind: u32,
-        major: u32,
-        minor: u32,
-        access: u32,
-    },
+struct LoggedPath {
+    path: String,
+    inode: Option<(u32, u64)>,
+}
+
+impl LoggedPath {
+    fn levels(&self) -> Result<Levels, String> {
+        match (evaluate::levels(Path::new(&self.path)), self.inode) {
+            (Ok(l), _) => Ok(l),
+            // Gone: its logged inode alone still meets a rule naming it,
+            // not one of a directory above it.
+            (Err(_), Some(l)) => Ok(vec![l]),
+            (Err(e), None) => Err(format!("{}: {e}", self.path)),
+        }
+    }
+}
+
+/// `ACCESS_*` bits of a logged `access` (`read`, `write`, `read_write`,
+/// `mknod`, `exec`).
+fn access_bits(name: &str) -> u32 {
+    match name {
+        "mknod" => ACCESS_MKNOD,
+        "write" => ACCESS_WRITE,
+        "read_write" => ACCESS_READ | ACCESS_WRITE,
+        _ => ACCESS_READ,
+    }
 }
 
 impl Request {
@@ -94,76 +98,73 @@ impl Request {
             }),
             provisional: false,
         });
-        let action_ = match action.as_str() {
+        let access = s("/target/access");
+        let bits = access_bits(access.as_deref().unwrap_or("read"));
+        let (action_, target) = match action.as_str() {
             "connect" => {
                 let ip: IpAddr = s("/target/ip")
                     .ok_or("no target.ip")?
                     .parse()
                     .map_err(|e| format!("target.ip: {e}"))?;
-                LoggedAction::Net {
-                    addr: match ip {
-                        IpAddr::V4(a) => a.to_ipv6_mapped(),
-                        IpAddr::V6(a) => a,
-                    },
-                    port: v
-                        .pointer("/target/port")
-                        .and_then(Value::as_u64)
-                        .ok_or("no target.port")? as u16,
-                    proto: match s("/target/protocol").as_deref() {
-                        Some("udp") => libc::IPPROTO_UDP as u8,
-                        _ => libc::IPPROTO_TCP as u8,
-                    },
-                }
+                let port = v.pointer("/target/port").and_then(Value::as_u64);
+                let port = port.ok_or("no target.port")? as u16;
+                let protocol = s("/target/protocol").unwrap_or_else(|| "tcp".into());
+                let addr = match ip {
+                    IpAddr::V4(a) => a.to_ipv6_mapped(),
+                    IpAddr::V6(a) => a,
+                };
+                let proto = match protocol.as_str() {
+                    "udp" => libc::IPPROTO_UDP as u8,
+                    _ => libc::IPPROTO_TCP as u8,
+                };
+                let ip = if ip.is_ipv6() {
+                    format!("[{ip}]")
+                } else {
+                    ip.to_string()
+                };
+                (
+                    Action::Connect { addr, port, proto },
+                    format!("{ip}:{port}/{protocol}"),
+                )
             }
             "exec" | "open" => {
-                let access = match s("/target/access").as_deref() {
-                    Some("write") => ACCESS_WRITE,
-                    Some("read_write") => ACCESS_READ | ACCESS_WRITE,
-                    _ => ACCESS_READ,
-                };
                 let num = |f: &str| v.pointer(&format!("/target/{f}")).and_then(Value::as_u64);
-                LoggedAction::Path {
+                let path = LoggedPath {
                     path: s("/target/path").ok_or("no target.path")?,
-                    access,
-                    exec: action == "exec",
-                    logged: num("dev").zip(num("ino")).map(|(d, i)| (d as u32, i)),
-                }
+                    inode: num("dev").zip(num("ino")).map(|(d, i)| (d as u32, i)),
+                };
+                let target = path.path.clone();
+                let a = if action == "exec" {
+                    Action::Exec { path }
+                } else {
+                    Action::Open { path, access: bits }
+                };
+                (a, target)
             }
             "device" => {
                 let dev = s("/target/device").ok_or("no target.device")?;
-                let parsed = dev.split_once(' ').and_then(|(k, n)| {
-                    let kind = match k {
-                        "c" => DEVICE_CHAR,
-                        "b" => DEVICE_BLOCK,
-                        _ => return None,
-                    };
-                    let (ma, mi) = n.split_once(':')?;
-                    Some((kind, ma.parse().ok()?, mi.parse().ok()?))
-                });
-                let (kind, major, minor) = parsed
+                let (kind, major, minor) = evaluate::parse_device(&dev)
                     .ok_or_else(|| format!("target.device {dev}: expected `c MAJOR:MINOR`"))?;
-                LoggedAction::Device {
+                let a = Action::Device {
                     kind,
                     major,
                     minor,
-                    access: match s("/target/access").as_deref() {
-                        Some("mknod") => ACCESS_MKNOD,
-                        Some("write") => ACCESS_WRITE,
-                        Some("read_write") => ACCESS_READ | ACCESS_WRITE,
-                        _ => ACCESS_READ,
-                    },
-                }
+                    access: bits,
+                };
+                (a, dev)
             }
             _ => return Ok(None),
         };
-        Ok(Some(Self::new(
+        Ok(Some(Self {
+            access: access.filter(|_| action != "exec" && action != "connect"),
             action,
             cgroup,
             uid,
-            s("/exe").unwrap_or_default(),
+            exe: s("/exe").unwrap_or_default(),
+            target,
             pod,
             action_,
-        )))
+        }))
     }
 
     /// A request given on the command line: `target` is a path, or
@@ -199,72 +200,6 @@ impl Request {
         Self::from_log_line(&line.to_string()).map(|r| r.expect("an action was given"))
     }
 
-    fn new(
-        action: String,
-        cgroup: String,
-        uid: u32,
-        exe: String,
-        pod: Option<PodMetadata>,
-        action_: LoggedAction,
-    ) -> Self {
-        let (target, access) = match &action_ {
-            LoggedAction::Path {
-                path, access, exec, ..
-            } => (
-                path.clone(),
-                (!exec).then(|| {
-                    match (access & ACCESS_READ != 0, access & ACCESS_WRITE != 0) {
-                        (true, true) => "read_write",
-                        (false, true) => "write",
-                        _ => "read",
-                    }
-                    .to_owned()
-                }),
-            ),
-            LoggedAction::Net { addr, port, proto } => {
-                let ip = addr
-                    .to_ipv4_mapped()
-                    .map_or_else(|| format!("[{addr}]"), |v4| v4.to_string());
-                let p = if *proto == libc::IPPROTO_UDP as u8 {
-                    "udp"
-                } else {
-                    "tcp"
-                };
-                (format!("{ip}:{port}/{p}"), None)
-            }
-            LoggedAction::Device {
-                kind,
-                major,
-                minor,
-                access,
-            } => (
-                format!(
-                    "{} {major}:{minor}",
-                    if *kind == DEVICE_BLOCK { "b" } else { "c" }
-                ),
-                Some(
-                    match *access {
-                        ACCESS_MKNOD => "mknod",
-                        a if a == ACCESS_READ | ACCESS_WRITE => "read_write",
-                        ACCESS_WRITE => "write",
-                        _ => "read",
-                    }
-                    .to_owned(),
-                ),
-            ),
-        };
-        Self {
-            action,
-            cgroup,
-            uid,
-            exe,
-            target,
-            access,
-            pod,
-            action_,
-        }
-    }
-
     fn cgroup_info(&self) -> CgroupInfo {
         let mut cg = CgroupInfo::new(1, self.cgroup.clone());
         if let Some(p) = &self.pod {
@@ -274,44 +209,7 @@ impl Request {
     }
 
     fn action(&self) -> Result<Action, String> {
-        Ok(match &self.action_ {
-            LoggedAction::Path {
-                path,
-                access,
-                exec,
-                logged,
-            } => {
-                let levels = match evaluate::levels(Path::new(path)) {
-                    Ok(l) => l,
-                    Err(e) => match logged {
-                        // Gone from this machine: its logged inode alone
-                        // still meets a rule naming it, not a directory's.
-                        Some(l) => vec![*l],
-                        None => return Err(format!("{path}: {e}")),
-                    },
-                };
-                if *exec {
-                    Action::Exec { levels }
-                } else {
-                    Action::Open {
-                        levels,
-                        access: *access,
-                    }
-                }
-            }
-            &LoggedAction::Net { addr, port, proto } => Action::Connect { addr, port, proto },
-            &LoggedAction::Device {
-                kind,
-                major,
-                minor,
-                access,
-            } => Action::Device {
-                kind,
-                major,
-                minor,
-                access,
-            },
-        })
+        self.action_.try_map_path(LoggedPath::levels)
     }
 }
 

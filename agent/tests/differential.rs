@@ -301,8 +301,8 @@ proptest! {
         let c = c.unwrap();
         for (uid, exe, req) in &requests {
             let action = match req {
-                Req::Exec(p) => Action::Exec { levels: levels(p) },
-                Req::Open(p, a) => Action::Open { levels: levels(p), access: *a },
+                Req::Exec(p) => Action::Exec { path: levels(p) },
+                Req::Open(p, a) => Action::Open { path: levels(p), access: *a },
                 Req::Connect(a, p, t) => Action::Connect { addr: a.to_ipv6_mapped(), port: *p, proto: *t },
             };
             let got = evaluate::evaluate(&c, 1, *uid, inode(exe), &action);

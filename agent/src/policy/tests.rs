@@ -253,6 +253,7 @@ fn policies_directory_loads_top_level_files_only() {
         names,
         [
             "portcullis-default",
+            "gpu-inference",
             "inference-serving",
             "triton-pods",
             "triton-server-no-debuggers"

@@ -4,13 +4,12 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use portcullis_common::{
-    ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, DEVICE_BLOCK, DEVICE_CHAR, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY,
+    ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
@@ -60,18 +59,6 @@ enum DeviceAccess {
     Read,
     Write,
     Mknod,
-}
-
-/// `c 195:0` → (`DEVICE_CHAR`, 195, 0).
-fn device_number(s: &str) -> Option<(u32, u32, u32)> {
-    let (kind, num) = match s.split_once(' ') {
-        Some(("c", n)) => (DEVICE_CHAR, n),
-        Some(("b", n)) => (DEVICE_BLOCK, n),
-        Some(_) => return None,
-        None => (DEVICE_CHAR, s),
-    };
-    let (major, minor) = num.split_once(':')?;
-    Some((kind, major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// Who acts. `exe` is only asked by `onlyFrom` rules; without it the task
@@ -148,29 +135,7 @@ enum Verdict {
 }
 
 /// One request of a case, paths as the workload sees them.
-#[derive(Debug, Clone)]
-pub enum Request {
-    Exec {
-        path: String,
-    },
-    /// `access`: `ACCESS_*` bits.
-    Open {
-        path: String,
-        access: u32,
-    },
-    Connect {
-        addr: Ipv6Addr,
-        port: u16,
-        proto: u8,
-    },
-    /// `kind`: `DEVICE_CHAR` or `DEVICE_BLOCK`; `access`: `ACCESS_*` bits.
-    Device {
-        kind: u32,
-        major: u32,
-        minor: u32,
-        access: u32,
-    },
-}
+pub type Request = crate::evaluate::Action<String>;
 
 /// What a case requires of the decision.
 #[derive(Debug, Clone)]
@@ -275,7 +240,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
         };
         let request = match (c.exec, c.open, c.connect, c.device) {
             (None, None, None, Some(d)) => {
-                let Some((kind, major, minor)) = device_number(&d.device) else {
+                let Some((kind, major, minor)) = crate::evaluate::parse_device(&d.device) else {
                     bad(
                         "device.device",
                         "expected `c MAJOR:MINOR`, `b MAJOR:MINOR` or `MAJOR:MINOR`",

@@ -26,7 +26,7 @@ pub use report::{CaseResult, Report, verdict_name};
 
 use crate::{
     compile::{self, CgroupInfo, Compiled, Numbering, kernel_dev},
-    evaluate::{self, Action, Outcome},
+    evaluate::{self, Outcome},
     pod::{ContainerMetadata, Lookup, PodMetadata},
     policy::{self, PolicyError},
 };
@@ -151,27 +151,7 @@ fn decide(c: &Compiled, fx: &Fixture, cgroup_id: u64, case: &Case) -> std::io::R
         Some(p) => fx.inode(p)?,
         None => (0, 0),
     };
-    let action = match &case.request {
-        Request::Exec { path } => Action::Exec {
-            levels: fx.levels(path)?,
-        },
-        Request::Open { path, access } => Action::Open {
-            levels: fx.levels(path)?,
-            access: *access,
-        },
-        &Request::Connect { addr, port, proto } => Action::Connect { addr, port, proto },
-        &Request::Device {
-            kind,
-            major,
-            minor,
-            access,
-        } => Action::Device {
-            kind,
-            major,
-            minor,
-            access,
-        },
-    };
+    let action = case.request.try_map_path(|p| fx.levels(p))?;
     Ok(evaluate::evaluate(
         c,
         cgroup_id,
@@ -203,10 +183,9 @@ impl Fixture {
             };
         }
         for c in &t.cases {
-            match &c.request {
-                Request::Exec { path } | Request::Open { path, .. } => files.insert(path),
-                Request::Connect { .. } | Request::Device { .. } => false,
-            };
+            if let Some(path) = c.request.path() {
+                files.insert(path);
+            }
             if let Some(e) = &c.workload.exe {
                 files.insert(e);
             }
