@@ -172,22 +172,12 @@ pub fn apply_inode_rule(
         depth,
     };
     let denied = requested & !r.allow_mask != 0 || (r.only_from != 0 && !exe_in(r.only_from));
-    if denied {
-        // A rule of a policy that does not apply to this task (uid-scoped)
-        // must not end the walk: another policy's deny may lie beyond it.
-        let applies = m.applies(&hit);
-        m.deny(r.mode, hit);
-        applies && r.mode == MODE_ENFORCE
-    } else {
-        m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
-        false
-    }
+    record(m, denied, r.mode, hit, r.flags & RULE_LOG_ALLOW != 0)
 }
 
 /// Applies one egress rule of the prefix set the address fell in, to a
 /// connect or send to `port` over IP protocol `proto`. Returns true when
-/// the scan should stop: the first enforce deny decides (see
-/// [`apply_inode_rule`] for why that is not left to `Matches::deny`).
+/// the scan should stop, as [`apply_inode_rule`].
 #[inline(always)]
 pub fn apply_net_rule(m: &mut Matches, r: &NetRule, port: u16, proto: u8) -> bool {
     if port < r.port_lo || port > r.port_hi || (r.proto != 0 && r.proto != proto) {
@@ -198,16 +188,13 @@ pub fn apply_net_rule(m: &mut Matches, r: &NetRule, port: u16, proto: u8) -> boo
         policy_bit: r.policy_bit,
         depth: 0,
     };
-    if r.verdict == VERDICT_DENY {
-        // A rule of a policy that does not apply to this task (uid-scoped)
-        // must not end the walk: another policy's deny may lie beyond it.
-        let applies = m.applies(&hit);
-        m.deny(r.mode, hit);
-        applies && r.mode == MODE_ENFORCE
-    } else {
-        m.allow(hit, r.flags & RULE_LOG_ALLOW != 0);
-        false
-    }
+    record(
+        m,
+        r.verdict == VERDICT_DENY,
+        r.mode,
+        hit,
+        r.flags & RULE_LOG_ALLOW != 0,
+    )
 }
 
 /// Applies one device rule of the (kind, major, minor) or (kind, major, any)
@@ -217,22 +204,34 @@ pub fn apply_net_rule(m: &mut Matches, r: &NetRule, port: u16, proto: u8) -> boo
 /// [`apply_inode_rule`].
 #[inline(always)]
 pub fn apply_device_rule(m: &mut Matches, r: &DeviceRule, requested: u32) -> bool {
+    let deny = r.verdict == VERDICT_DENY;
+    let matched = if deny {
+        requested & r.access != 0
+    } else {
+        requested & !r.access == 0
+    };
+    if !matched {
+        return false;
+    }
     let hit = Hit {
         rule_id: r.rule_id,
         policy_bit: r.policy_bit,
         depth: 0,
     };
-    if r.verdict == VERDICT_DENY {
-        if requested & r.access == 0 {
-            return false;
-        }
+    record(m, deny, r.mode, hit, r.flags as u32 & RULE_LOG_ALLOW != 0)
+}
+
+/// Records a rule that matched as a deny or an allow; true when the scan
+/// should stop. A deny of a policy that does not apply to this task
+/// (uid-scoped) stops nothing: another policy's deny may come after it.
+#[inline(always)]
+fn record(m: &mut Matches, deny: bool, mode: u8, hit: Hit, log: bool) -> bool {
+    if deny {
         let applies = m.applies(&hit);
-        m.deny(r.mode, hit);
-        applies && r.mode == MODE_ENFORCE
+        m.deny(mode, hit);
+        applies && mode == MODE_ENFORCE
     } else {
-        if requested & !r.access == 0 {
-            m.allow(hit, r.flags as u32 & RULE_LOG_ALLOW != 0);
-        }
+        m.allow(hit, log);
         false
     }
 }
