@@ -200,12 +200,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the JSON Schema of a document kind, for editors (the YAML
+    /// language server) and CI (the repository's `schemas/` holds both).
+    Schema {
+        #[arg(value_enum)]
+        kind: SchemaKind,
+    },
     /// Check policy files; print every error with file, line, column and field.
     Validate {
         /// Policy files or directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SchemaKind {
+    HostPolicy,
+    PolicyTest,
 }
 
 /// Where a verified trail starts.
@@ -275,6 +287,16 @@ fn main() -> ExitCode {
             files,
             json,
         } => cli_explain::replay(&policies, &files, json),
+        Command::Schema { kind } => {
+            print!(
+                "{}",
+                match kind {
+                    SchemaKind::HostPolicy => policy::schema::host_policy(),
+                    SchemaKind::PolicyTest => policy_test::schema(),
+                }
+            );
+            ExitCode::SUCCESS
+        }
         Command::Validate { paths } => match policy::load_paths(&paths) {
             Ok(policies) => {
                 println!("ok: {} valid policies", policies.len());

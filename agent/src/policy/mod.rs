@@ -9,6 +9,7 @@ pub mod devices;
 pub mod glob;
 pub mod labels;
 pub mod parse;
+pub mod schema;
 #[cfg(test)]
 mod tests;
 

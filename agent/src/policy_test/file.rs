@@ -11,6 +11,7 @@ use std::{
 use portcullis_common::{
     ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
@@ -18,21 +19,41 @@ use crate::policy::{API_VERSION, PolicyError, parse::strip_location};
 
 pub const KIND: &str = "PolicyTest";
 
-#[derive(Deserialize)]
+/// A policy test file: cases run against the policies it names.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(title = "PolicyTest")]
 struct Raw {
+    #[schemars(with = "crate::policy::schema::ApiVersion")]
     api_version: Spanned<String>,
+    #[schemars(with = "Kind")]
     kind: Spanned<String>,
+    /// Policy files or directories, relative to this file.
     policies: Vec<String>,
+    /// More paths that exist in the fixture (a trailing `/`: a directory).
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     fixture: Vec<Spanned<String>>,
     /// A directory standing for `/proc`, relative to the test file: where
     /// device kinds (`nvidia-gpu`, ...) find their numbers.
     node_proc: Option<String>,
+    #[schemars(with = "Vec<RawCase>")]
     cases: Vec<Spanned<RawCase>>,
 }
 
-#[derive(Deserialize)]
+/// The one `kind` of a test file (for the schema; parsing checks the text).
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+enum Kind {
+    PolicyTest,
+}
+
+/// The JSON Schema of `PolicyTest` files, pretty-printed.
+pub fn schema() -> String {
+    crate::policy::schema::pretty(schemars::schema_for!(Raw))
+}
+
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawCase {
     name: String,
@@ -44,7 +65,7 @@ struct RawCase {
     expect: RawExpect,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawDevice {
     /// `c 195:0`, `b 8:0`, or `195:0` (char).
@@ -53,7 +74,7 @@ struct RawDevice {
     access: Option<Vec<DeviceAccess>>,
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, JsonSchema, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 enum DeviceAccess {
     Read,
@@ -63,7 +84,7 @@ enum DeviceAccess {
 
 /// Who acts. `exe` is only asked by `onlyFrom` rules; without it the task
 /// runs no executable any `onlyFrom` names.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Workload {
     pub cgroup: String,
@@ -74,7 +95,7 @@ pub struct Workload {
 }
 
 /// Pod metadata as the CRI runtime would report it.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Pod {
     pub namespace: String,
@@ -86,14 +107,14 @@ pub struct Pod {
     pub container: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawOpen {
     path: String,
     access: Access,
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, JsonSchema, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 enum Access {
     Read,
@@ -101,7 +122,7 @@ enum Access {
     Readwrite,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawConnect {
     address: IpAddr,
@@ -110,7 +131,7 @@ struct RawConnect {
     protocol: Protocol,
 }
 
-#[derive(Deserialize, Default, Clone, Copy)]
+#[derive(Deserialize, JsonSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 enum Protocol {
     #[default]
@@ -118,7 +139,7 @@ enum Protocol {
     Udp,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawExpect {
     verdict: Verdict,
@@ -126,7 +147,7 @@ struct RawExpect {
     rule: Option<String>,
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, JsonSchema, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 enum Verdict {
     Allow,

@@ -21,7 +21,7 @@ use std::{
     sync::Arc,
 };
 
-pub use file::{Case, Expect, KIND, Request, TestFile};
+pub use file::{Case, Expect, KIND, Request, TestFile, schema};
 pub use report::{CaseResult, Report, verdict_name};
 
 use crate::{
