@@ -258,3 +258,277 @@ fn policy_test_predictions_match_the_kernel() {
         assert_eq!(kernel, *want, "{action}: the kernel did {got:?}");
     }
 }
+
+/// A small xorshift generator: random policies without another dependency,
+/// reproducible from the seed the failure message prints.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+    fn pick<'a>(&mut self, of: &'a [&'a str]) -> &'a str {
+        of[self.below(of.len())]
+    }
+}
+
+/// The kernel's sample of the host differential (`agent/tests/differential.rs`
+/// checks 30 000 requests on the host): random policy sets over real files,
+/// binaries and listeners, each decided by `portcullis test` and then by the
+/// kernel under the agent, as root and as uid 4242. Verdicts must agree, and
+/// for every logged decision the policy and rule too.
+#[test]
+fn random_policies_decide_alike_in_portcullis_test_and_in_the_kernel() {
+    portcullis_tests::require_kernel!();
+    // PORTCULLIS_TEST_SEED=0x… replays a failure's seed.
+    let seed = std::env::var("PORTCULLIS_TEST_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+        | 1;
+    let mut rng = Rng(seed);
+    let tmp = TempDir::new("ptest-random");
+    for d in ["a/b", "c", "bin"] {
+        std::fs::create_dir_all(tmp.path(d)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    for f in ["a/x", "a/b/y", "c/w"] {
+        std::fs::write(tmp.path(f), b"data").unwrap();
+        // uid 4242 may read and write them: what the agent decides is
+        // then all that stands in the way.
+        std::fs::set_permissions(tmp.path(f), std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    for b in ["bin/t1", "bin/t2"] {
+        std::fs::copy("/bin/true", tmp.path(b)).unwrap();
+    }
+    let probe_exe = std::fs::canonicalize(std::env::var("PORTCULLIS_PROBE").unwrap_or_else(|_| {
+        format!(
+            "{}/../target/debug/portcullis-probe",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    }))
+    .unwrap();
+    let probe_exe = probe_exe.to_str().unwrap().to_owned();
+    let (l1, l2) = (Listener::new("127.0.0.1"), Listener::new("127.0.0.1"));
+    let (p1, p2) = (l1.port.to_string(), l2.port.to_string());
+    let cg = Cgroup::create("ptest-random");
+    let t = |rel: &str| tmp.str(rel);
+    let paths = [
+        t("a/**"),
+        t("a/x"),
+        t("a/b/**"),
+        t("a/b/y"),
+        t("c/w"),
+        t("c/**"),
+    ];
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let bins = [t("bin/**"), t("bin/t1"), t("bin/t2")];
+    let bins: Vec<&str> = bins.iter().map(String::as_str).collect();
+
+    let mut agent: Option<Agent> = None;
+    let (mut checked, mut refused) = (0, 0);
+    for round in 0..8 {
+        let mut policy = String::new();
+        for i in 0..1 + rng.below(3) {
+            let mode = rng.pick(&["enforce", "audit"]);
+            policy += &policy_header(&format!("r{round}-p{i}"), mode, &cg.path);
+            if rng.below(3) == 0 {
+                policy += "    uid: 4242\n";
+            }
+            if rng.below(2) == 0 {
+                policy += &format!(
+                    "  exec:\n    default: {}\n    allow: [\"{}\"]\n    deny: [\"{}\"]\n",
+                    rng.pick(&["deny", "allow"]),
+                    rng.pick(&bins),
+                    rng.pick(&bins)
+                );
+            }
+            if rng.below(2) == 0 {
+                let rule = |rng: &mut Rng| {
+                    let ports = match rng.below(3) {
+                        0 => String::new(),
+                        1 => format!(", ports: [\"{p1}\"]"),
+                        _ => format!(", ports: [\"{p2}\"]"),
+                    };
+                    format!(
+                        "{{ cidr: {}{ports} }}",
+                        rng.pick(&["127.0.0.1/32", "127.0.0.0/8"])
+                    )
+                };
+                policy += &format!(
+                    "  network:\n    egress:\n      default: {}\n      allow: [{}]\n      deny: [{}]\n",
+                    rng.pick(&["deny", "allow"]),
+                    rule(&mut rng),
+                    rule(&mut rng)
+                );
+            }
+            let mut seen = Vec::new();
+            let mut files = String::new();
+            for _ in 0..rng.below(3) {
+                let p = rng.pick(&paths);
+                if seen.contains(&p) {
+                    continue;
+                }
+                seen.push(p);
+                let access = rng.pick(&["none", "read", "readwrite"]);
+                let only = if access != "none" && rng.below(3) == 0 {
+                    format!(
+                        ", onlyFrom: [\"{}\"]",
+                        rng.pick(&[probe_exe.as_str(), &bins[1]])
+                    )
+                } else {
+                    String::new()
+                };
+                files += &format!("    - {{ path: \"{p}\", access: {access}{only} }}\n");
+            }
+            if !files.is_empty() {
+                policy += &format!("  files:\n{files}");
+            }
+            if policy.ends_with(&format!("cgroupPath: \"{}\"\n", cg.path))
+                || policy.ends_with("uid: 4242\n")
+            {
+                // No section drawn: a policy must enforce something.
+                policy += "  exec:\n    default: allow\n";
+            }
+            policy += "---\n";
+        }
+        std::fs::write(tmp.path("policy.yaml"), &policy).unwrap();
+
+        // (action for the test file, probe arguments, hook, uid)
+        let mut requests: Vec<(String, Vec<String>, &str, Option<u32>)> = Vec::new();
+        for _ in 0..10 {
+            let uid = [None, Some(4242)][rng.below(2)];
+            requests.push(match rng.below(4) {
+                0 => {
+                    let b = rng.pick(&["bin/t1", "bin/t2"]);
+                    (
+                        format!("exec: {}", t(b)),
+                        vec!["exec".into(), t(b)],
+                        "exec",
+                        uid,
+                    )
+                }
+                1 | 2 => {
+                    let f = rng.pick(&["a/x", "a/b/y", "c/w"]);
+                    let (access, op) = [("read", "read"), ("write", "write")][rng.below(2)];
+                    (
+                        format!("open: {{path: {}, access: {access}}}", t(f)),
+                        vec![op.into(), t(f)],
+                        "open",
+                        uid,
+                    )
+                }
+                _ => {
+                    let p = [&p1, &p2][rng.below(2)];
+                    (
+                        format!("connect: {{address: 127.0.0.1, port: {p}}}"),
+                        vec!["connect".into(), "127.0.0.1".into(), p.clone()],
+                        "connect",
+                        uid,
+                    )
+                }
+            });
+        }
+        // Every file the policies may name exists in the fixture as on disk,
+        // whether a case names it or not.
+        let fixture: Vec<String> = ["a/x", "a/b/y", "c/w", "bin/t1", "bin/t2"]
+            .iter()
+            .map(|f| t(f))
+            .collect();
+        let mut file = format!(
+            "{HEADER}policies: [policy.yaml]\nfixture: [{}]\ncases:\n",
+            fixture.join(", ")
+        );
+        for (i, (action, _, _, uid)) in requests.iter().enumerate() {
+            file += &format!(
+                "  - name: r{round} case {i}\n    workload: {{cgroup: {}, uid: {}, exe: {probe_exe}}}\n    {action}\n    expect: {{verdict: allow}}\n",
+                cg.path,
+                uid.unwrap_or(0)
+            );
+        }
+        std::fs::write(tmp.path("t.yaml"), &file).unwrap();
+        let json = tmp.str("out.json");
+        let _ = std::fs::remove_file(&json);
+        let (_, stdout, stderr) = run_test(&[&tmp.str("t.yaml"), "--json", &json]);
+        if stderr.contains("no case was run") {
+            // A policy set the compiler refuses (more rules on one file
+            // than a map value holds): the agent must refuse it too, and
+            // keep what it enforces.
+            assert!(
+                stderr.contains("merge them"),
+                "seed {seed:#x}: {stderr}\n{policy}"
+            );
+            if let Some(a) = &mut agent {
+                assert!(
+                    !a.reload(&policy),
+                    "seed {seed:#x}: the agent took\n{policy}"
+                );
+            }
+            refused += 1;
+            continue;
+        }
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&json)
+                .unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}\n{policy}")),
+        )
+        .unwrap();
+
+        let agent = match &mut agent {
+            Some(a) => {
+                assert!(a.reload(&policy), "seed {seed:#x}: reload of\n{policy}");
+                a
+            }
+            None => agent.insert(Agent::start(&policy)),
+        };
+        for (i, (action, args, hook, uid)) in requests.iter().enumerate() {
+            let got = &report["cases"][i]["got"];
+            let predicted = got["verdict"].as_str().unwrap();
+            let before = agent
+                .decisions()
+                .iter()
+                .filter_map(|d| d["seq"].as_u64())
+                .max()
+                .unwrap_or(0);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let outcome = portcullis_tests::probe_as(&cg, *uid, &args);
+            let denied = match *hook {
+                "connect" => Outcome::Errno(portcullis_tests::EPERM),
+                _ => agent.denied(hook),
+            };
+            let case = format!(
+                "seed {seed:#x} round {round} case {i}: {action} as uid {uid:?}: predicted {got}, kernel {outcome:?}\n{policy}"
+            );
+            if predicted == "deny" {
+                assert_eq!(outcome, denied, "{case}");
+            } else {
+                assert!(
+                    matches!(outcome, Outcome::Ok(_) | Outcome::Exited(0)),
+                    "{case}"
+                );
+            }
+            if predicted != "allow" {
+                let line = agent.wait_decision(&case, |d| {
+                    d["seq"].as_u64() > Some(before) && d["workload"]["cgroup"] == cg.path.as_str()
+                });
+                assert_eq!(
+                    (&line["verdict"], &line["policy"], &line["rule"]),
+                    (&got["verdict"], &got["policy"], &got["rule"]),
+                    "{case}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 40,
+        "{checked} requests checked, {refused} policy sets refused"
+    );
+}
