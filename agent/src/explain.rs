@@ -225,21 +225,18 @@ pub fn decide_all(
         only_from_base: 1 << 20,
     };
     // One cgroup per distinct (path, pod), numbered from 1.
-    let mut ids: Vec<(String, Option<String>)> = Vec::new();
+    let mut ids: std::collections::HashMap<(String, Option<String>), u64> = Default::default();
     let mut cgroups = Vec::new();
     let mut id_of = Vec::with_capacity(reqs.len());
     for r in reqs {
         let key = (r.cgroup.clone(), r.pod.as_ref().map(|p| format!("{p:?}")));
-        let id = match ids.iter().position(|k| *k == key) {
-            Some(i) => i as u64 + 1,
-            None => {
-                ids.push(key);
-                let mut cg = r.cgroup_info();
-                cg.id = ids.len() as u64;
-                cgroups.push(cg);
-                ids.len() as u64
-            }
-        };
+        let next = ids.len() as u64 + 1;
+        let id = *ids.entry(key).or_insert_with(|| {
+            let mut cg = r.cgroup_info();
+            cg.id = next;
+            cgroups.push(cg);
+            next
+        });
         id_of.push(id);
     }
     let node = Arc::new(NodeDevices::discover(Path::new("/proc")));
