@@ -1,8 +1,9 @@
-//! The kernel's exec and file decision, evaluated on the host: the same
-//! combining code (`portcullis_common::decide`) over the same compiled map
-//! contents, walked over the same (dev, ino) levels. This is what policy
-//! tests and `explain` build on; `agent/tests/kernel.rs` checks that it and
-//! the kernel agree on randomly generated rules.
+//! The kernel's exec, file, connect and device decisions, evaluated on the
+//! host: the same rule steps and combining code (`portcullis_common::decide`)
+//! over the same compiled map contents, walked over the same (dev, ino)
+//! levels. `portcullis test`, `explain` and `replay` decide with it;
+//! `agent/tests/kernel.rs` and `tests/tests/policy_test.rs` check that it
+//! and the kernel agree.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

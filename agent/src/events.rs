@@ -410,6 +410,9 @@ fn target_path(ev: &Event, names: &Names) -> String {
     }
 }
 
+/// The tables of a generation this agent does not know: they name nothing.
+static NO_NAMES: std::sync::LazyLock<Names> = std::sync::LazyLock::new(Names::default);
+
 /// The policy and the rule text that made a decision of `identity` with
 /// (`policy_bit`, `rule_id`), in the tables of generation `generation`
 /// (`names`; `None` when this agent does not know it: the decision then
@@ -422,7 +425,6 @@ pub fn name_hit(
     rule_id: u32,
     generation: u32,
 ) -> (String, String) {
-    static NO_NAMES: std::sync::LazyLock<Names> = std::sync::LazyLock::new(Names::default);
     // The kernel's own fail-closed denies belong to no policy.
     let unnamed = match rule_id {
         RULE_ID_TOO_DEEP => Some(format!(
@@ -473,7 +475,6 @@ pub fn decode(
     boot_epoch_ns: i128,
 ) -> Decision {
     let (policy, rule) = name_hit(names, ev.identity, ev.policy_bit, ev.rule_id, ev.generation);
-    static NO_NAMES: std::sync::LazyLock<Names> = std::sync::LazyLock::new(Names::default);
     let names = names.unwrap_or(&NO_NAMES);
     let cgroup = workloads
         .cgroup_paths
