@@ -102,7 +102,7 @@ pub fn decide(
     let Some(walk) = claim() else {
         // More walks preempted on this CPU than there are slots: decided
         // closed and counted, never walked in another task's state.
-        return Ok(raced(map, leaf, dev, ino));
+        return Ok(no_walk_slot(map, leaf, dev, ino));
     };
     // SAFETY: `walk` is this CPU's slot of `WALKS`, claimed by this run and
     // live for it.
@@ -203,11 +203,11 @@ fn release(walk: *mut Walk) {
     unsafe { atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*walk).busy, 0) };
 }
 
-/// The decision of a walk that could not keep its own state: counted as the
-/// hook's internal error, but decided closed, since letting it allow would
-/// let one thread free another's denial.
+/// The decision of a walk that found every walk slot of its CPU taken:
+/// counted as the hook's internal error, but decided closed, since letting
+/// it allow would let a flood of preempted walks open what is denied.
 #[inline(always)]
-fn raced(map: RuleMap, dentry: *const u8, dev: u32, ino: u64) -> Outcome {
+fn no_walk_slot(map: RuleMap, dentry: *const u8, dev: u32, ino: u64) -> Outcome {
     count(match map {
         RuleMap::Exec => COUNTER_ERR_EXEC,
         RuleMap::File => COUNTER_ERR_OPEN,

@@ -30,6 +30,7 @@ use nix::{
     unistd::{ForkResult, Uid, fork},
 };
 use portcullis::{
+    compile::kernel_dev,
     evaluate,
     loader::{self, Backend, Kernel, LoadOptions},
 };
@@ -191,15 +192,11 @@ fn load(cg: &TestCgroup, cfg: IdentityConfig) -> Kernel {
 }
 
 /// The kernel's encoding of a device number (`MKDEV`), as map keys use it.
-fn kdev(st_dev: u64) -> u32 {
-    (libc::major(st_dev) << 20) | libc::minor(st_dev)
-}
-
 fn inode_key(path: &Path) -> InodeKey {
     let m = fs::metadata(path).unwrap();
     InodeKey {
         identity: IDENTITY,
-        dev: kdev(m.dev()),
+        dev: kernel_dev(m.dev()),
         ino: m.ino(),
     }
 }
@@ -711,7 +708,7 @@ fn host_evaluator_and_kernel_agree_on_random_file_rules() {
     // The forked children run this test binary: onlyFrom set 1 holds it,
     // set 2 another file.
     let exe = fs::metadata("/proc/self/exe").unwrap();
-    let exe = (kdev(exe.dev()), exe.ino());
+    let exe = (kernel_dev(exe.dev()), exe.ino());
     let other = inode_key(&files[0]);
     let only_from = BTreeSet::from([
         InodeKey {
