@@ -247,7 +247,7 @@ fn reference(policies: &[Policy], uid: u32, exe: &str, req: &Req) -> (u8, Vec<St
                 None => continue,
                 Some(e) => {
                     let hit = |r: &portcullis::policy::NetRule| {
-                        in_cidr(&r.text.split(' ').next().unwrap(), *addr)
+                        in_cidr(r.text.split(' ').next().unwrap(), *addr)
                             && (r.ports.is_empty()
                                 || r.ports.iter().any(|(lo, hi)| lo <= port && port <= hi))
                             && r.protocol.is_none_or(|t| t == *proto)
