@@ -2,8 +2,10 @@
 //! Rules name devices by kind (resolved to device numbers on the node, see
 //! `node_devices`), by number, or by a path glob resolved to numbers.
 
-/// A device class the agent knows how to find on a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A device class the agent knows how to find on a node. Its names in
+/// policies are the variants in kebab case (see [`DeviceKind::ALL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, schemars::JsonSchema)]
+#[schemars(rename_all = "kebab-case")]
 pub enum DeviceKind {
     /// `/dev/nvidiaN` (195:N), by index or UUID.
     NvidiaGpu,

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 
+use super::DeviceKind;
+
 /// `apiVersion` of every Portcullis document.
 #[derive(JsonSchema)]
 pub enum ApiVersion {
@@ -246,23 +248,6 @@ struct DeviceRule {
     access: Option<Vec<DeviceAccess>>,
     log: Option<bool>,
     until: Option<String>,
-}
-
-#[derive(JsonSchema)]
-#[schemars(rename_all = "kebab-case")]
-enum DeviceKind {
-    NvidiaGpu,
-    Nvidiactl,
-    NvidiaModeset,
-    NvidiaUvm,
-    NvidiaUvmTools,
-    NvidiaCaps,
-    RdmaUverbs,
-    RdmaCm,
-    RdmaIssm,
-    RdmaUmad,
-    DrmRender,
-    AmdKfd,
 }
 
 #[derive(JsonSchema)]
