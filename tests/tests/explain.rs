@@ -1,14 +1,10 @@
 //! `portcullis explain` and `portcullis replay` on a real trail: the
 //! audit-to-enforce workflow, end to end.
 
-use std::process::Command;
-
 use portcullis_tests::{Agent, Cgroup, Listener, Outcome, TempDir, policy_header, probe};
 
 fn cli(args: &[&str]) -> (Option<i32>, String, String) {
-    let bin = std::env::var("PORTCULLIS_BIN")
-        .unwrap_or_else(|_| format!("{}/../target/debug/portcullis", env!("CARGO_MANIFEST_DIR")));
-    let out = Command::new(bin).args(args).output().unwrap();
+    let out = portcullis_tests::agent_cli(args);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

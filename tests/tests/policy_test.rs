@@ -1,18 +1,10 @@
 //! `portcullis test`: policy tests as security engineers run them in CI, and
 //! proof that what they predict is what the kernel then does.
 
-use std::process::Command;
-
 use portcullis_tests::{Agent, Cgroup, Listener, Outcome, TempDir, policy_header, probe};
 
-fn agent() -> Command {
-    let bin = std::env::var("PORTCULLIS_BIN")
-        .unwrap_or_else(|_| format!("{}/../target/debug/portcullis", env!("CARGO_MANIFEST_DIR")));
-    Command::new(bin)
-}
-
 fn run_test(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = agent().arg("test").args(args).output().unwrap();
+    let out = portcullis_tests::agent_cli(&[&["test"], args].concat());
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

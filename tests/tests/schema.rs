@@ -14,12 +14,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn agent(args: &[&str]) -> std::process::Output {
-    let bin = std::env::var("PORTCULLIS_BIN")
-        .unwrap_or_else(|_| format!("{}/../target/debug/portcullis", env!("CARGO_MANIFEST_DIR")));
-    Command::new(bin).args(args).output().unwrap()
-}
-
 /// Skips where the repository's schemas/ is not around (the VM matrix runs
 /// the test executables without the source tree).
 fn schemas_dir() -> Option<PathBuf> {
@@ -38,7 +32,7 @@ fn schemas_dir() -> Option<PathBuf> {
 fn the_published_schemas_are_the_generated_ones() {
     let Some(dir) = schemas_dir() else { return };
     for kind in ["host-policy", "policy-test"] {
-        let out = agent(&["schema", kind]);
+        let out = portcullis_tests::agent_cli(&["schema", kind]);
         assert!(out.status.success());
         let published = std::fs::read_to_string(dir.join(format!("{kind}.schema.json"))).unwrap();
         assert!(
@@ -111,7 +105,9 @@ fn schemas_and_validate_agree_on_the_bundled_and_on_broken_documents() {
     policies.extend(yaml_files(&root.join("examples")));
     for f in &policies {
         assert!(
-            agent(&["validate", f.to_str().unwrap()]).status.success(),
+            portcullis_tests::agent_cli(&["validate", f.to_str().unwrap()])
+                .status
+                .success(),
             "{f:?}"
         );
         for (i, r) in schema_check(&py, &host, f).into_iter().enumerate() {
@@ -149,7 +145,9 @@ fn schemas_and_validate_agree_on_the_bundled_and_on_broken_documents() {
         let f = tmp.path(&format!("broken-{i}.yaml"));
         std::fs::write(&f, doc).unwrap();
         assert!(
-            !agent(&["validate", f.to_str().unwrap()]).status.success(),
+            !portcullis_tests::agent_cli(&["validate", f.to_str().unwrap()])
+                .status
+                .success(),
             "validate accepted broken {i}:\n{doc}"
         );
         let r = schema_check(&py, &host, &f);
