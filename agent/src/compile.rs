@@ -501,6 +501,16 @@ pub struct Numbering {
     pub only_from_base: u32,
 }
 
+impl Numbering {
+    /// For a compile that is never written to the kernel (`portcullis
+    /// test`, `explain`, `replay`): nothing else is numbered beside it.
+    pub const OFFLINE: Numbering = Numbering {
+        generation: 1,
+        first_identity: 1,
+        only_from_base: 1 << 20,
+    };
+}
+
 /// Compiles `policies` for the cgroups in `cgroups`, on a node without
 /// device drivers (see [`compile_on`]).
 pub fn compile(

@@ -293,8 +293,7 @@ proptest! {
         let policies = parse_str(&text, Path::new("random.yaml"))
             .unwrap_or_else(|e| panic!("generated an invalid policy: {e:?}\n{text}"));
         let cgroups = [CgroupInfo::new(1, "/w/job")];
-        let numbering = Numbering { generation: 1, first_identity: 1, only_from_base: 1 << 20 };
-        let c = compile::compile_under(&policies, &cgroups, numbering, Arc::default(), &ROOT);
+        let c = compile::compile_under(&policies, &cgroups, Numbering::OFFLINE, Arc::default(), &ROOT);
         // More rules on one inode than a map value holds is refused by the
         // compiler (and so by validate-time reload), not decided.
         prop_assume!(!matches!(c, Err(compile::CompileError::TooManyInodeRules { .. })));

@@ -30,11 +30,6 @@ pub fn decide_all(
     policies: &[Policy],
     reqs: &[Request],
 ) -> Result<(Compiled, Vec<Result<Outcome, String>>), String> {
-    let numbering = Numbering {
-        generation: 1,
-        first_identity: 1,
-        only_from_base: 1 << 20,
-    };
     // One cgroup per distinct (path, pod), numbered from 1.
     let mut ids: std::collections::HashMap<(String, Option<String>), u64> = Default::default();
     let mut cgroups = Vec::new();
@@ -51,7 +46,8 @@ pub fn decide_all(
         id_of.push(id);
     }
     let node = Arc::new(NodeDevices::discover(Path::new("/proc")));
-    let c = compile::compile_on(policies, &cgroups, numbering, node).map_err(|e| e.to_string())?;
+    let c = compile::compile_on(policies, &cgroups, Numbering::OFFLINE, node)
+        .map_err(|e| e.to_string())?;
     let outs = reqs
         .iter()
         .zip(id_of)

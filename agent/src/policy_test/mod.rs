@@ -94,19 +94,15 @@ fn run_file(path: &Path) -> Result<(Vec<CaseResult>, RuleNames, RuleNames), Vec<
     let policies = policy::load_paths(&t.policies)?;
     let fixture = Fixture::new(&t).map_err(|e| vec![io_error(path, e)])?;
     let cgroups: Vec<CgroupInfo> = t.cases.iter().enumerate().map(cgroup_of).collect();
-    let numbering = Numbering {
-        generation: 1,
-        first_identity: 1,
-        only_from_base: 1 << 20,
-    };
     let node = Arc::new(
         t.node_proc
             .as_deref()
             .map(crate::node_devices::NodeDevices::discover)
             .unwrap_or_default(),
     );
-    let compiled = compile::compile_under(&policies, &cgroups, numbering, node, &fixture.root)
-        .map_err(|e| vec![io_error(path, e)])?;
+    let compiled =
+        compile::compile_under(&policies, &cgroups, Numbering::OFFLINE, node, &fixture.root)
+            .map_err(|e| vec![io_error(path, e)])?;
     let mut decided = RuleNames::new();
     let mut results = Vec::new();
     for (i, case) in t.cases.iter().enumerate() {
