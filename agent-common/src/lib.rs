@@ -82,10 +82,14 @@ pub const PROG_SENDMSG6: &str = "sendmsg6";
 pub const PROG_EXEC_LSM: &str = "exec_lsm";
 /// BTF tracepoint `sched_process_exec` + SIGKILL (fallback exec backend).
 pub const PROG_EXEC_TP: &str = "exec_tp";
+/// `exec_tp` again, attached beside it (see the eBPF crate's `twins.rs`).
+pub const PROG_EXEC_TP_TWIN: &str = "exec_tp_twin";
 /// BPF-LSM `file_open` (primary file backend).
 pub const PROG_OPEN_LSM: &str = "open_lsm";
 /// BTF tracepoint `sys_exit` on open-family syscalls + SIGKILL (fallback).
 pub const PROG_OPEN_TP: &str = "open_tp";
+/// `open_tp` again, attached beside it.
+pub const PROG_OPEN_TP_TWIN: &str = "open_tp_twin";
 /// BTF tracepoint `cgroup_mkdir`: tells the agent a cgroup appeared.
 pub const PROG_CGROUP_MKDIR: &str = "cgroup_mkdir";
 

@@ -1,6 +1,7 @@
 //! Portcullis kernel programs. Hooks live in `probes/` (one file per
 //! family), maps in `maps.rs`, the shared decision logic in `decision.rs`
-//! and `inode.rs`, identity lookup in `identity.rs`.
+//! and `inode.rs`, identity lookup in `identity.rs`, the tracepoint twins in
+//! `twins.rs`.
 #![no_std]
 #![no_main]
 // `inode::claim` needs a compare-and-swap, and the BPF target's `core` has
@@ -14,6 +15,7 @@ mod inode;
 mod kernel;
 mod maps;
 mod probes;
+mod twins;
 
 /// GPL-compatible: bpf_probe_read_kernel and bpf_send_signal are GPL-only.
 #[unsafe(link_section = "license")]

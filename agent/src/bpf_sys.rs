@@ -1,7 +1,8 @@
 //! The `bpf()` commands the agent issues itself: aya 0.14 attaches a cgroup
 //! device program but gives no `FdLink` for it (it converts only its sock,
 //! sock_addr and skb links), and an `FdLink` is what pinning needs; and it
-//! has no map-in-map type, which the hook barrier (`hook_barrier`) needs.
+//! has no map-in-map type, which the hook barrier (`hook_barrier`) needs;
+//! and its `ProgramInfo` does not say how many runs the kernel skipped.
 
 use std::{
     ffi::CString,
@@ -13,6 +14,7 @@ use std::{
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `enum bpf_attach_type`.
 pub const BPF_CGROUP_DEVICE: u32 = 6;
@@ -87,4 +89,22 @@ pub fn map_update(map: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()> {
     attr[4] = value_ptr as u32;
     attr[5] = (value_ptr >> 32) as u32;
     bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
+}
+
+/// Runs of `prog` the kernel skipped because the program was already
+/// running on that CPU (`bpf_prog_info.recursion_misses`, kernel >= 5.12;
+/// always 0 before). Tracepoint programs are guarded that way, and where
+/// the kernel runs them preemptibly (7.x) a run preempted on a CPU makes
+/// every other task's run of the same program there a skip.
+pub fn prog_recursion_misses(prog: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: a plain C struct for which all zeroes is valid.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let ptr = &raw mut info as u64;
+    let mut attr: Attr = [0; 32];
+    attr[0] = prog.as_raw_fd() as u32;
+    attr[1] = size_of_val(&info) as u32;
+    attr[2] = ptr as u32;
+    attr[3] = (ptr >> 32) as u32;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok(info.recursion_misses)
 }

@@ -552,6 +552,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new());
     metrics.set_backends(&kernel.backends);
     metrics.set_missing(&kernel.missing);
+    metrics.set_programs(loader::attached_programs(&kernel));
 
     let maps = PolicyMaps::take(&mut kernel.ebpf)?;
     let take = |ebpf: &mut aya::Ebpf, name| ebpf.take_map(name).ok_or(DaemonError::Map { name });

@@ -9,7 +9,7 @@
 
 use std::{
     fs::File,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -25,7 +25,8 @@ use portcullis_common::{
     BACKEND_TRACEPOINT_KILL, GLOBAL_OFFSETS, MAP_DEVICE_RULES, MAP_EVENTS, MAP_EXEC_RULES,
     MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, PINNED_MAPS,
     PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_LSM, PROG_EXEC_TP,
-    PROG_OPEN_LSM, PROG_OPEN_TP, PROG_SENDMSG4, PROG_SENDMSG6,
+    PROG_EXEC_TP_TWIN, PROG_OPEN_LSM, PROG_OPEN_TP, PROG_OPEN_TP_TWIN, PROG_SENDMSG4,
+    PROG_SENDMSG6,
 };
 
 use crate::{
@@ -323,7 +324,7 @@ pub struct Kernel {
 #[derive(Debug)]
 pub enum AttachedLink {
     Aya(FdLink),
-    Raw(std::os::fd::OwnedFd),
+    Raw(OwnedFd),
 }
 
 impl Kernel {
@@ -386,8 +387,19 @@ pub(crate) struct ProgramSpec {
     backend: Backend,
     /// Program to use when this one cannot load or attach.
     fallback: Option<&'static str>,
-    /// Only attached as some other program's fallback.
+    /// Only attached as some other program's fallback or twin.
     fallback_only: bool,
+    /// Another program attached to the same hook beside this one, so an
+    /// event the kernel skips for one is decided by the other (the eBPF
+    /// crate's `twins.rs`).
+    twin: Option<&'static str>,
+}
+
+impl ProgramSpec {
+    const fn with_twin(mut self, twin: &'static str) -> Self {
+        self.twin = Some(twin);
+        self
+    }
 }
 
 const fn spec(
@@ -405,6 +417,7 @@ const fn spec(
         backend,
         fallback,
         fallback_only,
+        twin: None,
     }
 }
 
@@ -457,6 +470,15 @@ pub(crate) const PROGRAMS: &[ProgramSpec] = &[
         Backend::TracepointKill,
         None,
         true,
+    )
+    .with_twin(PROG_EXEC_TP_TWIN),
+    spec(
+        PROG_EXEC_TP_TWIN,
+        Hook::BtfTracepoint("sched_process_exec"),
+        Action::Exec,
+        Backend::TracepointKill,
+        None,
+        true,
     ),
     spec(
         PROG_OPEN_LSM,
@@ -468,6 +490,15 @@ pub(crate) const PROGRAMS: &[ProgramSpec] = &[
     ),
     spec(
         PROG_OPEN_TP,
+        Hook::BtfTracepoint("sys_exit"),
+        Action::Open,
+        Backend::TracepointKill,
+        None,
+        true,
+    )
+    .with_twin(PROG_OPEN_TP_TWIN),
+    spec(
+        PROG_OPEN_TP_TWIN,
         Hook::BtfTracepoint("sys_exit"),
         Action::Open,
         Backend::TracepointKill,
@@ -570,10 +601,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         };
         let mut used = spec;
         if let (Err(reason), Some(fallback)) = (&result, spec.fallback) {
-            let fb = PROGRAMS
-                .iter()
-                .find(|s| s.program == fallback)
-                .ok_or(LoaderError::MissingProgram { program: fallback })?;
+            let fb = find_spec(fallback)?;
             tracing::warn!(
                 program = spec.program,
                 hook = spec.hook.name(),
@@ -613,11 +641,36 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
                 continue;
             }
         };
-        if let Some(pins) = &pins {
-            pinned.push(pins.pin_link(used.program, link)?);
-        } else {
-            // Unpinned: the link detaches when `Kernel` drops.
-            links.push(link);
+        let mut attached = vec![(used.program, link)];
+        if let Some(twin) = used.twin {
+            match try_attach(&mut ebpf, find_spec(twin)?, opts, &kbtf)? {
+                Ok(link) => attached.push((twin, link)),
+                Err(reason) => {
+                    // The program alone still enforces, but events the
+                    // kernel skips for it go undecided: said as a gap.
+                    tracing::error!(
+                        action = spec.action.label(),
+                        program = twin,
+                        error = %reason,
+                        "{} is enforced with gaps: the twin of {} did not attach",
+                        spec.action.label(),
+                        used.program,
+                    );
+                    missing.push(MissingHook {
+                        action: spec.action.label(),
+                        program: twin,
+                        reason,
+                    });
+                }
+            }
+        }
+        for (program, link) in attached {
+            if let Some(pins) = &pins {
+                pinned.push(pins.pin_link(program, link)?);
+            } else {
+                // Unpinned: the link detaches when `Kernel` drops.
+                links.push(link);
+            }
         }
         match used.action {
             Action::Connect => backends.connect = used.backend,
@@ -654,6 +707,25 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         pinned,
         links,
     })
+}
+
+fn find_spec(program: &'static str) -> Result<&'static ProgramSpec, LoaderError> {
+    PROGRAMS
+        .iter()
+        .find(|s| s.program == program)
+        .ok_or(LoaderError::MissingProgram { program })
+}
+
+/// A copy of the fd of every loaded program, by name (for their run
+/// statistics).
+pub fn attached_programs(kernel: &Kernel) -> Vec<(&'static str, OwnedFd)> {
+    PROGRAMS
+        .iter()
+        .filter_map(|spec| {
+            let fd = kernel.ebpf.program(spec.program)?.fd().ok()?;
+            Some((spec.program, fd.as_fd().try_clone_to_owned().ok()?))
+        })
+        .collect()
 }
 
 /// An error with its sources, for a log line.
@@ -847,6 +919,11 @@ mod tests {
                     .find(|p| p.program == fb)
                     .expect("fallback listed");
                 assert!(f.fallback_only && f.action == s.action, "{fb}");
+            }
+            if let Some(twin) = s.twin {
+                let t = find_spec(twin).expect("twin listed");
+                assert!(t.fallback_only && t.action == s.action && t.twin.is_none());
+                assert_eq!(t.hook.name(), s.hook.name(), "{twin}");
             }
         }
     }

@@ -12,6 +12,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -33,7 +34,7 @@ use tokio::net::TcpListener;
 
 use crate::http_server::Reply;
 
-use crate::{events::ReaderStats, loader::Backends, slots::PolicySlots};
+use crate::{bpf_sys, events::ReaderStats, loader::Backends, slots::PolicySlots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -57,6 +58,11 @@ struct DecisionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HookLabels {
     hook: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,6 +101,9 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     lost_events: Counter,
     kernel_errors: Family<HookLabels, Counter>,
+    runs_skipped: Family<ProgramLabels, Counter>,
+    /// The attached programs, with the skip count last read.
+    programs: Mutex<Vec<(&'static str, OwnedFd, u64)>>,
     unclassified: Counter,
     mkdir_lost: Counter,
     decisions_logged: Counter,
@@ -137,6 +146,8 @@ impl Metrics {
             decisions: Family::default(),
             lost_events: Counter::default(),
             kernel_errors: Family::default(),
+            runs_skipped: Family::default(),
+            programs: Mutex::new(Vec::new()),
             unclassified: Counter::default(),
             mkdir_lost: Counter::default(),
             decisions_logged: Counter::default(),
@@ -173,6 +184,11 @@ impl Metrics {
             "kernel_errors",
             "Internal errors in the kernel programs, by hook (each one failed open)",
             m.kernel_errors.clone(),
+        );
+        registry.register(
+            "hook_runs_skipped",
+            "Runs of a program the kernel skipped because that program was already running on the CPU (bpf_prog_info.recursion_misses)",
+            m.runs_skipped.clone(),
         );
         registry.register(
             "unclassified_lookups",
@@ -261,6 +277,18 @@ impl Metrics {
         *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(reader);
     }
 
+    /// The attached programs whose skipped runs are exported.
+    pub fn set_programs(&self, programs: Vec<(&'static str, OwnedFd)>) {
+        let with_base = programs
+            .into_iter()
+            .map(|(name, fd)| {
+                let base = bpf_sys::prog_recursion_misses(fd.as_fd()).unwrap_or(0);
+                (name, fd, base)
+            })
+            .collect();
+        *self.programs.lock().unwrap_or_else(|e| e.into_inner()) = with_base;
+    }
+
     pub fn set_backends(&self, b: &Backends) {
         for (hook, backend) in [
             ("connect", b.connect),
@@ -302,6 +330,18 @@ impl Metrics {
 
     /// Adds the kernel counters' growth since the last call.
     fn refresh(&self) {
+        for (program, fd, last) in self
+            .programs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            let now = bpf_sys::prog_recursion_misses(fd.as_fd()).unwrap_or(*last);
+            self.runs_skipped
+                .get_or_create(&ProgramLabels { program })
+                .inc_by(now.saturating_sub(*last));
+            *last = now.max(*last);
+        }
         let kernel = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
         let Some(k) = kernel.as_ref() else { return };
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());

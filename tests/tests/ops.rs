@@ -302,13 +302,15 @@ fn hundreds_of_reloads_never_let_a_denied_call_through_or_fail_an_allowed_one() 
         }) {
             eprintln!("decision: {d}");
         }
-        if let Some((_, body)) = agent.http("/metrics") {
-            for l in body
-                .lines()
-                .filter(|l| l.starts_with("portcullis_kernel_errors"))
-            {
-                eprintln!("{l}");
-            }
+    }
+    // Hook runs the kernel skipped, and errors: what to look at first when
+    // a call went wrong.
+    if let Some((_, body)) = agent.http("/metrics") {
+        for l in body.lines().filter(|l| {
+            l.starts_with("portcullis_kernel_errors")
+                || l.starts_with("portcullis_hook_runs_skipped")
+        }) {
+            eprintln!("{l}");
         }
     }
     assert!(

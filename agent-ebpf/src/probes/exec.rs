@@ -1,7 +1,8 @@
 //! Exec: BPF-LSM `bprm_check_security` (the execve fails with EPERM) or,
 //! where BPF-LSM is unavailable, the BTF tracepoint `sched_process_exec`
 //! with SIGKILL (the new image never runs an instruction). Both call
-//! `inode::decide` on `bprm->file`.
+//! `inode::decide` on `bprm->file`. The tracepoint program runs as twins
+//! (`twins.rs`).
 //!
 //! Fail open: failed kernel reads or a missing identity config allow the
 //! exec and are counted in `COUNTER_ERR_EXEC`.
@@ -21,6 +22,7 @@ use crate::{
     inode::{self, Request, RuleMap},
     kernel::{current_exe, offsets, read, read_ptr},
     maps::{count, count_decision},
+    twins,
 };
 
 const SIGKILL: u32 = 9;
@@ -46,7 +48,21 @@ pub fn exec_lsm(ctx: LsmContext) -> i32 {
 
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn exec_tp(ctx: BtfTracePointContext) -> u32 {
+    exec_tp_run(&ctx)
+}
+
+/// `exec_tp` again, as another program: see `twins.rs`.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn exec_tp_twin(ctx: BtfTracePointContext) -> u32 {
+    exec_tp_run(&ctx)
+}
+
+#[inline(always)]
+fn exec_tp_run(ctx: &BtfTracePointContext) -> u32 {
     let bprm: *const u8 = ctx.arg(2);
+    if !twins::first(bprm as u64) {
+        return 0;
+    }
     match try_exec(bprm, BACKEND_TRACEPOINT_KILL) {
         Ok(VERDICT_DENY) => {
             // SAFETY: helper without pointer arguments; the signal is

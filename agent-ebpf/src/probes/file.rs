@@ -2,6 +2,7 @@
 //! is unavailable, the BTF tracepoint `sys_exit` on the open family with
 //! SIGKILL: the process dies before it returns to user space holding the fd.
 //! Both call `inode::decide`; files have no policy default, only rules deny.
+//! The tracepoint program runs as twins (`twins.rs`).
 //!
 //! Fail open: failed kernel reads, an fd beyond the table or a missing
 //! identity config allow the open and are counted in `COUNTER_ERR_OPEN`.
@@ -21,6 +22,7 @@ use crate::{
     inode::{self, Request, RuleMap},
     kernel::{current_exe, offsets, read, read_ptr},
     maps::{count, count_decision},
+    twins,
 };
 
 const SIGKILL: u32 = 9;
@@ -55,6 +57,17 @@ pub fn open_lsm(ctx: LsmContext) -> i32 {
 
 #[btf_tracepoint(function = "sys_exit")]
 pub fn open_tp(ctx: BtfTracePointContext) -> u32 {
+    open_tp_run(&ctx)
+}
+
+/// `open_tp` again, as another program: see `twins.rs`.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn open_tp_twin(ctx: BtfTracePointContext) -> u32 {
+    open_tp_run(&ctx)
+}
+
+#[inline(always)]
+fn open_tp_run(ctx: &BtfTracePointContext) -> u32 {
     let regs: *const u8 = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
     if ret < 0 {
@@ -85,6 +98,9 @@ fn try_open_tp(regs: *const u8, fd: u64) -> Result<u8, i64> {
         return Ok(VERDICT_ALLOW);
     }
     let file = fd_file(&o, fd)?;
+    if !twins::first(file as u64) {
+        return Ok(VERDICT_ALLOW);
+    }
     try_open(file, BACKEND_TRACEPOINT_KILL)
 }
 
