@@ -86,9 +86,9 @@ pub const PROG_EXEC_TP: &str = "exec_tp";
 pub const PROG_EXEC_TP_TWIN: &str = "exec_tp_twin";
 /// BPF-LSM `file_open` (primary file backend).
 pub const PROG_OPEN_LSM: &str = "open_lsm";
-/// BTF tracepoint `sys_exit` on open-family syscalls + SIGKILL (fallback).
+/// Tracepoints `syscalls/sys_exit_<open family>` + SIGKILL (fallback).
 pub const PROG_OPEN_TP: &str = "open_tp";
-/// `open_tp` again, attached beside it.
+/// BTF tracepoint `sys_exit` on the same calls, beside `open_tp`.
 pub const PROG_OPEN_TP_TWIN: &str = "open_tp_twin";
 /// BTF tracepoint `cgroup_mkdir`: tells the agent a cgroup appeared.
 pub const PROG_CGROUP_MKDIR: &str = "cgroup_mkdir";

@@ -1,16 +1,20 @@
-//! The tracepoint fallbacks run as twins: two programs on the same
-//! tracepoint, where the first of the two to run for an event decides it.
+//! The tracepoint fallbacks run as twins: two programs for the same event,
+//! where the first of the two to run decides it and the second stands
+//! down.
 //!
-//! The kernel skips a tracepoint program's run while that same program is
-//! already running on the CPU (`__bpf_trace_run`'s `prog->active` guard,
-//! counted in `bpf_prog_info.recursion_misses`). Where tracepoint programs
-//! run preemptibly (seen on 7.3: a task is preempted in the middle of
-//! `open_tp` on a CPU), every other task's event on that CPU until it
-//! resumes is skipped, undecided: a denied open that succeeds. Each program
-//! has its own guard, so a twin still runs for those events. An event goes
-//! undecided only when both are skipped: two other tasks preempted on its
-//! CPU, one inside each twin. Skips of either are exported
-//! (`portcullis_hook_runs_skipped_total`).
+//! The kernel skips a tracing program's run, silently but for a counter
+//! (`bpf_prog_info.recursion_misses`, exported as
+//! `portcullis_hook_runs_skipped_total`), when its recursion guard is
+//! taken on the CPU. Seen on 7.3 under QEMU: a BTF-tracepoint program on
+//! the raw `sys_exit` is skipped while another task is preempted inside it
+//! (`prog->active`), and a classic-tracepoint program while any task is
+//! inside a BPF map syscall (`bpf_prog_active`). A skipped open is an open
+//! that succeeds undecided. Each twin has its own guard, so a twin still
+//! runs when the other is skipped; an event goes undecided only when both
+//! are skipped at once. The open twins sit behind different guards
+//! (`probes/file.rs`); the exec twins are two BTF-tracepoint programs on
+//! `sched_process_exec`, which 7.3 still runs with preemption disabled (no
+//! skips measured), as insurance for kernels that change that.
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::LruHashMap};
 

@@ -17,6 +17,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupDevice, CgroupSockAddr, Lsm, ProgramError,
+        TracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -39,6 +40,9 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
 
 const SECURITYFS: &str = "/sys/kernel/security";
+/// Where classic tracepoints are found (and tracefs is mounted when it is
+/// not).
+const TRACEFS: &str = "/sys/kernel/tracing";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -290,6 +294,9 @@ pub struct MissingHook {
     pub program: &'static str,
     /// The last refusal, in one line.
     pub reason: String,
+    /// Only a twin is missing: its sibling enforces, except the events the
+    /// kernel skips for it.
+    pub with_gaps: bool,
 }
 
 /// The loaded programs. Unpinned, the links live inside `ebpf` (aya keeps
@@ -345,6 +352,13 @@ pub(crate) enum Hook {
     Lsm(&'static str),
     /// A BTF tracepoint.
     BtfTracepoint(&'static str),
+    /// Classic (tracefs) tracepoints: one attachment per event of
+    /// `category`; `label` names them all.
+    Tracepoint {
+        label: &'static str,
+        category: &'static str,
+        events: &'static [&'static str],
+    },
 }
 
 impl Hook {
@@ -353,6 +367,7 @@ impl Hook {
             Self::SockAddr => "cgroup_sock_addr",
             Self::Device => "cgroup_device",
             Self::Lsm(h) | Self::BtfTracepoint(h) => h,
+            Self::Tracepoint { label, .. } => label,
         }
     }
 }
@@ -490,7 +505,18 @@ pub(crate) const PROGRAMS: &[ProgramSpec] = &[
     ),
     spec(
         PROG_OPEN_TP,
-        Hook::BtfTracepoint("sys_exit"),
+        // Every x86_64 syscall that returns a new fd for a path.
+        Hook::Tracepoint {
+            label: "sys_exit_open*",
+            category: "syscalls",
+            events: &[
+                "sys_exit_open",
+                "sys_exit_creat",
+                "sys_exit_openat",
+                "sys_exit_open_by_handle_at",
+                "sys_exit_openat2",
+            ],
+        },
         Action::Open,
         Backend::TracepointKill,
         None,
@@ -614,8 +640,8 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
             used = fb;
             result = try_attach(&mut ebpf, fb, opts, &kbtf)?;
         }
-        let link = match result {
-            Ok(link) => link,
+        let new_links = match result {
+            Ok(links) => links,
             Err(reason) if spec.action == Action::Observe || opts.require_hooks => {
                 return Err(LoaderError::HookRequired {
                     action: spec.action.label(),
@@ -637,14 +663,21 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
                     action: spec.action.label(),
                     program: used.program,
                     reason,
+                    with_gaps: false,
                 });
                 continue;
             }
         };
-        let mut attached = vec![(used.program, link)];
+        let mut attached: Vec<_> = new_links
+            .into_iter()
+            .enumerate()
+            .map(|(n, l)| (used.program, n, l))
+            .collect();
         if let Some(twin) = used.twin {
             match try_attach(&mut ebpf, find_spec(twin)?, opts, &kbtf)? {
-                Ok(link) => attached.push((twin, link)),
+                Ok(links) => {
+                    attached.extend(links.into_iter().enumerate().map(|(n, l)| (twin, n, l)))
+                }
                 Err(reason) => {
                     // The program alone still enforces, but events the
                     // kernel skips for it go undecided: said as a gap.
@@ -660,13 +693,14 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
                         action: spec.action.label(),
                         program: twin,
                         reason,
+                        with_gaps: true,
                     });
                 }
             }
         }
-        for (program, link) in attached {
+        for (program, n, link) in attached {
             if let Some(pins) = &pins {
-                pinned.push(pins.pin_link(program, link)?);
+                pinned.push(pins.pin_link(program, n, link)?);
             } else {
                 // Unpinned: the link detaches when `Kernel` drops.
                 links.push(link);
@@ -681,6 +715,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         }
         tracing::info!(
             program = used.program,
+            twin = used.twin.unwrap_or("none"),
             hook = used.hook.name(),
             backend = used.backend.as_str(),
             "attached"
@@ -688,7 +723,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
     }
     // One program of an action missing leaves the action unenforced (e.g.
     // connect6 without connect4 still lets IPv4 through).
-    for m in &missing {
+    for m in missing.iter().filter(|m| !m.with_gaps) {
         match m.action {
             "connect" => backends.connect = Backend::None,
             "exec" => backends.exec = Backend::None,
@@ -749,7 +784,7 @@ fn try_attach(
     spec: &ProgramSpec,
     opts: &LoadOptions,
     kbtf: &Btf,
-) -> Result<Result<AttachedLink, String>, LoaderError> {
+) -> Result<Result<Vec<AttachedLink>, String>, LoaderError> {
     if opts.refuse_programs.iter().any(|p| p == spec.program) {
         return Ok(Err("refused by --test-refuse-program".into()));
     }
@@ -789,6 +824,9 @@ pub(crate) fn load_program(
         Hook::BtfTracepoint(name) => <&mut BtfTracePoint>::try_from(prog)
             .map_err(wrong_type)?
             .load(name, kbtf),
+        Hook::Tracepoint { .. } => <&mut TracePoint>::try_from(prog)
+            .map_err(wrong_type)?
+            .load(),
     };
     result.map_err(|e| LoaderError::Load {
         program,
@@ -802,7 +840,7 @@ fn attach(
     spec: &ProgramSpec,
     opts: &LoadOptions,
     kbtf: &Btf,
-) -> Result<AttachedLink, LoaderError> {
+) -> Result<Vec<AttachedLink>, LoaderError> {
     load_program(ebpf, spec, kbtf)?;
     let program = spec.program;
     let hook = spec.hook.name();
@@ -836,7 +874,7 @@ fn attach(
                 .map_err(attach_err)?;
             let link = p.take_link(id).map_err(attach_err)?;
             FdLink::try_from(link)
-                .map(AttachedLink::Aya)
+                .map(|l| vec![AttachedLink::Aya(l)])
                 .map_err(|source| LoaderError::LinkNotPinnable { program, source })
         }
         Hook::Device => {
@@ -854,7 +892,7 @@ fn attach(
                 cgroup.as_fd(),
                 crate::bpf_sys::BPF_CGROUP_DEVICE,
             )
-            .map(AttachedLink::Raw)
+            .map(|l| vec![AttachedLink::Raw(l)])
             .map_err(|source| LoaderError::RawAttach {
                 program,
                 hook,
@@ -864,16 +902,33 @@ fn attach(
         Hook::Lsm(_) => {
             let p: &mut Lsm = prog.try_into().map_err(wrong_type)?;
             let id = p.attach().map_err(attach_err)?;
-            Ok(AttachedLink::Aya(
+            Ok(vec![AttachedLink::Aya(
                 p.take_link(id).map_err(attach_err)?.into(),
-            ))
+            )])
         }
         Hook::BtfTracepoint(_) => {
             let p: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
             let id = p.attach().map_err(attach_err)?;
-            Ok(AttachedLink::Aya(
+            Ok(vec![AttachedLink::Aya(
                 p.take_link(id).map_err(attach_err)?.into(),
-            ))
+            )])
+        }
+        Hook::Tracepoint {
+            category, events, ..
+        } => {
+            if !Path::new(TRACEFS).join("events").exists() {
+                crate::mounts::mount_pseudo_fs("tracefs", Path::new(TRACEFS));
+            }
+            let p: &mut TracePoint = prog.try_into().map_err(wrong_type)?;
+            let mut links = Vec::with_capacity(events.len());
+            for event in events {
+                let id = p.attach(category, event).map_err(attach_err)?;
+                let link = p.take_link(id).map_err(attach_err)?;
+                let link = FdLink::try_from(link)
+                    .map_err(|source| LoaderError::LinkNotPinnable { program, source })?;
+                links.push(AttachedLink::Aya(link));
+            }
+            Ok(links)
         }
     }
 }

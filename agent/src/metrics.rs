@@ -309,7 +309,14 @@ impl Metrics {
     pub fn set_missing(&self, missing: &[crate::loader::MissingHook]) {
         *self.degraded.lock().unwrap_or_else(|e| e.into_inner()) = missing
             .iter()
-            .map(|m| format!("{} not enforced ({}: {})", m.action, m.program, m.reason))
+            .map(|m| {
+                let what = if m.with_gaps {
+                    "enforced with gaps"
+                } else {
+                    "not enforced"
+                };
+                format!("{} {what} ({}: {})", m.action, m.program, m.reason)
+            })
             .collect();
     }
 

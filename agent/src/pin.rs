@@ -112,16 +112,20 @@ impl PinDir {
         maps_dir(&self.root).join(name)
     }
 
-    /// Pins `link` of `program` under this instance's name.
+    /// Pins `link`, the `n`th attachment of `program` (a program may attach
+    /// to several hooks), under this instance's name.
     pub fn pin_link(
         &self,
         program: &'static str,
+        n: usize,
         link: AttachedLink,
     ) -> Result<PinnedLink, PinError> {
-        let path = self
-            .root
-            .join("links")
-            .join(format!("{program}@{}", self.instance));
+        let name = match n {
+            0 => format!("{program}@{}", self.instance),
+            // bpffs refuses names with a dot.
+            n => format!("{program}-{n}@{}", self.instance),
+        };
+        let path = self.root.join("links").join(name);
         match link {
             AttachedLink::Aya(link) => link.pin(&path).map_err(|source| PinError::Pin {
                 program,

@@ -13,6 +13,7 @@ use aya::{
     Ebpf,
     programs::{
         BtfTracePoint, CgroupDevice, CgroupSockAddr, Lsm, LsmAttachType, ProgramError, ProgramType,
+        TracePoint,
     },
     sys::is_program_supported,
 };
@@ -152,6 +153,9 @@ fn measure(ebpf: &mut Ebpf, spec: &ProgramSpec, kbtf: &aya::Btf) -> Result<Measu
             .info(),
         Hook::Lsm(_) => <&Lsm>::try_from(prog).map_err(|e| e.to_string())?.info(),
         Hook::BtfTracepoint(_) => <&BtfTracePoint>::try_from(prog)
+            .map_err(|e| e.to_string())?
+            .info(),
+        Hook::Tracepoint { .. } => <&TracePoint>::try_from(prog)
             .map_err(|e| e.to_string())?
             .info(),
     }

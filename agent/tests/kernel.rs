@@ -40,8 +40,8 @@ use portcullis_common::{
     InodeKey, InodeRule, InodeRuleSet, MAP_EVENTS, MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES,
     MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, MODE_ENFORCE, NET_KEY_DATA_LEN, NetRule,
     NetRuleSet, PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_TP,
-    PROG_OPEN_TP, PROG_SENDMSG4, PROG_SENDMSG6, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE,
-    VERDICT_ALLOW, VERDICT_DENY,
+    PROG_EXEC_TP_TWIN, PROG_OPEN_TP, PROG_OPEN_TP_TWIN, PROG_SENDMSG4, PROG_SENDMSG6,
+    RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 const IDENTITY: u32 = 7;
@@ -319,11 +319,17 @@ fn programs_load_and_attach() {
             PROG_CONNECT6,
             PROG_DEVICE,
             PROG_EXEC_TP,
+            PROG_EXEC_TP_TWIN,
             PROG_OPEN_TP,
+            PROG_OPEN_TP,
+            PROG_OPEN_TP,
+            PROG_OPEN_TP,
+            PROG_OPEN_TP,
+            PROG_OPEN_TP_TWIN,
             PROG_SENDMSG4,
             PROG_SENDMSG6
         ],
-        "each fallback program loaded and attached exactly once"
+        "each fallback program loaded and attached once per hook (open_tp: the five open calls)"
     );
     drop(k);
     // A test running beside this one may fork between our attach and this

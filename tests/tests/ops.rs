@@ -396,6 +396,96 @@ fn metrics_move_with_real_syscalls() {
     );
 }
 
+/// The tracepoint fallbacks run as twins, two programs per event so that
+/// one decides what the kernel skips for the other (see the eBPF crate's
+/// `twins.rs`): each denied open and exec is still killed, counted and
+/// logged exactly once, every program's skips are exported, and a twin
+/// that cannot attach is said as a gap while its sibling keeps enforcing.
+#[test]
+fn twin_hooks_decide_each_event_once_and_a_missing_twin_is_a_gap() {
+    require_kernel!();
+    let tmp = TempDir::new("twins");
+    std::fs::create_dir_all(tmp.path("bin")).unwrap();
+    std::fs::copy("/bin/true", tmp.path("bin/denied")).unwrap();
+    std::fs::write(tmp.path("secret"), b"hunter2").unwrap();
+    let cg = Cgroup::create("twins");
+    let policy = format!(
+        "{}  exec:\n    deny: [\"{}\"]\n  files:\n    - {{ path: \"{}\", access: none }}\n",
+        policy_header("twins", "enforce", &cg.path),
+        tmp.str("bin/denied"),
+        tmp.str("secret"),
+    );
+    let (secret, denied) = (tmp.str("secret"), tmp.str("bin/denied"));
+    let agent = Agent::start_with(&policy, &["--force-fallback"]);
+    for action in ["open", "exec"] {
+        assert_eq!(agent.backend(action), "tracepoint_kill");
+    }
+    for _ in 0..3 {
+        assert_eq!(probe(&cg, &["read", &secret]), Outcome::Killed(9));
+        assert_eq!(probe(&cg, &["exec", &denied]), Outcome::Killed(9));
+    }
+    for action in ["open", "exec"] {
+        let sample = format!(
+            r#"portcullis_decisions_total{{action="{action}",verdict="deny",policy="twins"}}"#
+        );
+        assert_eq!(
+            agent.metric(&sample),
+            3.0,
+            "{action}: one decision per event"
+        );
+    }
+    let logged = |agent: &Agent, action: &str| {
+        agent
+            .decisions()
+            .iter()
+            .filter(|d| d["action"] == action && d["verdict"] == "deny")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (logged(&agent, "open") < 3 || logged(&agent, "exec") < 3)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        logged(&agent, "open"),
+        3,
+        "one decision line per denied open"
+    );
+    assert_eq!(
+        logged(&agent, "exec"),
+        3,
+        "one decision line per denied exec"
+    );
+    let (_, body) = agent.http("/metrics").unwrap();
+    for program in ["open_tp", "open_tp_twin", "exec_tp", "exec_tp_twin"] {
+        assert!(
+            body.contains(&format!(
+                r#"portcullis_hook_runs_skipped_total{{program="{program}"}}"#
+            )),
+            "{body}"
+        );
+    }
+    drop(agent);
+
+    let refuse = ["--force-fallback", "--test-refuse-program", "open_tp_twin"];
+    let agent = Agent::start_until(&policy, &refuse, "a degraded /readyz", |code, body| {
+        code == 503 && body.starts_with("degraded:")
+    });
+    let (_, body) = agent.http("/readyz").unwrap();
+    assert!(
+        body.contains("open enforced with gaps (open_tp_twin: "),
+        "{body}"
+    );
+    assert_eq!(agent.backend("open"), "tracepoint_kill");
+    assert!(
+        agent.log().contains("open is enforced with gaps"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(probe(&cg, &["read", &secret]), Outcome::Killed(9));
+}
+
 /// A hook that cannot load on any backend: the agent enforces what loaded
 /// and says what is missing (log ERROR, `/readyz` 503 naming it,
 /// `backend="none"`); with `--require-hooks` it refuses to start.

@@ -1,16 +1,15 @@
 //! File opens: BPF-LSM `file_open` (open fails with EPERM) or, where BPF-LSM
-//! is unavailable, the BTF tracepoint `sys_exit` on the open family with
-//! SIGKILL: the process dies before it returns to user space holding the fd.
+//! is unavailable, the tracepoints `syscalls/sys_exit_<open family>` and
+//! `sys_exit` (twins, see `open_tp`) with SIGKILL: the process dies before it returns to user space holding the fd.
 //! Both call `inode::decide`; files have no policy default, only rules deny.
-//! The tracepoint program runs as twins (`twins.rs`).
 //!
 //! Fail open: failed kernel reads, an fd beyond the table or a missing
 //! identity config allow the open and are counted in `COUNTER_ERR_OPEN`.
 
 use aya_ebpf::{
     helpers::generated::bpf_send_signal,
-    macros::{btf_tracepoint, lsm},
-    programs::{BtfTracePointContext, LsmContext},
+    macros::{btf_tracepoint, lsm, tracepoint},
+    programs::{BtfTracePointContext, LsmContext, TracePointContext},
 };
 use portcullis_common::{
     ACCESS_READ, ACCESS_WRITE, ACTION_OPEN, BACKEND_LSM, BACKEND_TRACEPOINT_KILL, COUNTER_ERR_OPEN,
@@ -29,6 +28,8 @@ const SIGKILL: u32 = 9;
 const FMODE_READ: u32 = 1;
 const FMODE_WRITE: u32 = 2;
 
+/// Offset of `ret` in a `syscalls/sys_exit_*` event record.
+const SYS_EXIT_RET: usize = 16;
 /// x86_64 syscall numbers that return a new fd for a path.
 const NR_OPEN: u64 = 2;
 const NR_CREAT: u64 = 85;
@@ -55,25 +56,72 @@ pub fn open_lsm(ctx: LsmContext) -> i32 {
     }
 }
 
-#[btf_tracepoint(function = "sys_exit")]
-pub fn open_tp(ctx: BtfTracePointContext) -> u32 {
-    open_tp_run(&ctx)
+/// On the classic tracepoints `syscalls/sys_exit_<open family>` (the agent
+/// attaches it to each, see the loader), with `open_tp_twin` on the raw
+/// `sys_exit` beside it (`twins.rs`): the kernel may skip either, but for
+/// unrelated reasons, so an open goes undecided only when both are skipped
+/// at once.
+///
+/// - This one fires only for opens, and its programs run with preemption
+///   disabled (the perf path's per-CPU buffers need it). The kernel skips
+///   it while `bpf_prog_active` is held on the CPU: by another kprobe or
+///   perf-tracepoint program, or by a task inside a BPF map syscall, which
+///   is preemptible (the agent's own reloads, seen on 7.3 under QEMU).
+/// - `open_tp_twin` fires on every syscall, and 7.3 runs its programs
+///   preemptibly: the kernel skips it on a CPU while another task is
+///   preempted inside it (`prog->active`); map syscalls do not block it.
+#[tracepoint]
+pub fn open_tp(ctx: TracePointContext) -> u32 {
+    // `struct trace_event_raw_sys_exit`: 8 bytes of common fields, the
+    // syscall number, then the return value.
+    // SAFETY: a read of the event record at a fixed offset.
+    match unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
+        Ok(ret) => decide_new_fd(ret),
+        Err(_) => count(COUNTER_ERR_OPEN),
+    }
+    0
 }
 
-/// `open_tp` again, as another program: see `twins.rs`.
+/// See `open_tp`.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn open_tp_twin(ctx: BtfTracePointContext) -> u32 {
-    open_tp_run(&ctx)
-}
-
-#[inline(always)]
-fn open_tp_run(ctx: &BtfTracePointContext) -> u32 {
     let regs: *const u8 = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
     if ret < 0 {
         return 0;
     }
-    match try_open_tp(regs, ret as u64) {
+    let Some(o) = offsets() else {
+        count(COUNTER_ERR_OPEN);
+        return 0;
+    };
+    match read::<u64>(regs, o.pt_regs_orig_ax) {
+        Ok(NR_OPEN | NR_CREAT | NR_OPENAT | NR_OPEN_BY_HANDLE_AT | NR_OPENAT2) => {
+            decide_new_fd(ret)
+        }
+        Ok(_) => {}
+        Err(_) => count(COUNTER_ERR_OPEN),
+    }
+    0
+}
+
+/// Decides the file an open-family syscall returned as fd `ret`, unless
+/// the other twin did, and kills the caller on deny.
+#[inline(always)]
+fn decide_new_fd(ret: i64) {
+    if ret < 0 {
+        return;
+    }
+    let decided = offsets()
+        .ok_or(-1)
+        .and_then(|o| fd_file(&o, ret as u64))
+        .and_then(|file| {
+            if twins::first(file as u64) {
+                try_open(file, BACKEND_TRACEPOINT_KILL)
+            } else {
+                Ok(VERDICT_ALLOW)
+            }
+        });
+    match decided {
         Ok(VERDICT_DENY) => {
             // SAFETY: helper without pointer arguments; the signal is
             // delivered before the task returns to user space.
@@ -82,26 +130,6 @@ fn open_tp_run(ctx: &BtfTracePointContext) -> u32 {
         Ok(_) => {}
         Err(_) => count(COUNTER_ERR_OPEN),
     }
-    0
-}
-
-#[inline(always)]
-fn try_open_tp(regs: *const u8, fd: u64) -> Result<u8, i64> {
-    let Some(o) = offsets() else {
-        return Err(-1);
-    };
-    let nr = read::<u64>(regs, o.pt_regs_orig_ax)?;
-    if !matches!(
-        nr,
-        NR_OPEN | NR_CREAT | NR_OPENAT | NR_OPEN_BY_HANDLE_AT | NR_OPENAT2
-    ) {
-        return Ok(VERDICT_ALLOW);
-    }
-    let file = fd_file(&o, fd)?;
-    if !twins::first(file as u64) {
-        return Ok(VERDICT_ALLOW);
-    }
-    try_open(file, BACKEND_TRACEPOINT_KILL)
 }
 
 /// `current->files->fdt->fd[fd]`.
