@@ -114,8 +114,8 @@ pub struct Compiled {
     pub identity_cfg: BTreeMap<u32, IdentityConfig>,
     /// Identity → indexes into `policies` (bit `i` is `policies[i]`).
     pub identity_policies: BTreeMap<u32, Vec<usize>>,
-    /// Sorted policy-index set → identity.
-    pub identity_of_set: BTreeMap<Vec<usize>, u32>,
+    /// Identity of each [`IdentityKey`] seen.
+    pub identity_of: BTreeMap<IdentityKey, u32>,
     /// LPM key (prefix length over identity + address, data) → rules.
     pub net: Arc<BTreeMap<(u32, [u8; NET_KEY_DATA_LEN]), NetRuleSet>>,
     pub exec: Arc<BTreeMap<InodeKey, InodeRuleSet>>,
@@ -239,6 +239,43 @@ pub fn select(policies: &[Policy], cgroup_path: &str) -> Vec<usize> {
     select_pod(policies, cgroup_path, None)
 }
 
+/// What makes cgroups share an identity: the policies that select them
+/// and, when one of those allows `allocated` devices, the devices the
+/// kubelet allocated to the container (so each such container has rules of
+/// its own, and a neighbour from the same image and pod spec does not
+/// share them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IdentityKey {
+    /// Sorted indexes into the policies.
+    pub policies: Vec<usize>,
+    /// `(device, ACCESS_* the kubelet granted)`, sorted; empty unless a
+    /// policy of the set has an `allocated` rule.
+    pub allocated: Vec<(DevNum, u32)>,
+}
+
+impl IdentityKey {
+    /// The key of `cg`, selected by `set` (from [`select_cgroup`]) among
+    /// the policies `c` was compiled from. Allocated device nodes are read
+    /// under `root` (`/` but in policy tests).
+    pub fn of(c: &Compiled, cg: &CgroupInfo, set: Vec<usize>, root: &Path) -> Self {
+        let wants_allocated = set
+            .iter()
+            .any(|&i| c.per_policy.get(i).is_some_and(|p| !p.allocated.is_empty()));
+        let allocated = match cg.pod.metadata() {
+            Some(meta) if wants_allocated => meta
+                .container
+                .as_ref()
+                .map(|ct| devices::allocated(&ct.allocated, root))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        Self {
+            policies: set,
+            allocated,
+        }
+    }
+}
+
 /// Which policies select `cg`, pod metadata included.
 pub fn select_cgroup(policies: &[Policy], cg: &CgroupInfo) -> Vec<usize> {
     match &cg.pod {
@@ -312,6 +349,9 @@ pub(crate) struct PolicyRules {
     net: Vec<(Ipv6Addr, u8, KNetRule)>,
     /// Resolved device numbers and their rule (policy bit unset).
     devices: Vec<(DevNum, DeviceRule)>,
+    /// `allocated` rules (policy bit unset): expanded per container, over
+    /// its [`IdentityKey::allocated`].
+    allocated: Vec<DeviceRule>,
     cfg: IdentityConfig,
 }
 
@@ -363,6 +403,7 @@ impl Builder<'_> {
             exec: vec![],
             files: vec![],
             devices: vec![],
+            allocated: vec![],
             net: vec![],
             cfg: IdentityConfig::default(),
         };
@@ -586,13 +627,14 @@ pub fn compile_under(
                 policies: names(policies, &set),
             });
         }
-        let identity = match b.out.identity_of_set.get(&set) {
+        let key = IdentityKey::of(&b.out, cg, set, root);
+        let identity = match b.out.identity_of.get(&key) {
             Some(&id) => id,
             None => {
                 let id = next;
                 next = next.checked_add(1).ok_or(CompileError::IdentitySpace)?;
-                emit_identity(&mut b.out, policies, &per_policy, &set, id)?;
-                b.out.identity_of_set.insert(set, id);
+                emit_identity(&mut b.out, policies, &per_policy, &key, id)?;
+                b.out.identity_of.insert(key, id);
                 id
             }
         };
@@ -607,15 +649,15 @@ pub fn compile_under(
 pub fn add_identity(
     out: &mut Compiled,
     policies: &[Policy],
-    set: &[usize],
+    key: &IdentityKey,
     identity: u32,
 ) -> Result<(), CompileError> {
     let per_policy = Arc::clone(&out.per_policy);
     if per_policy.len() != policies.len() {
         return Err(CompileError::Stale);
     }
-    emit_identity(out, policies, &per_policy, set, identity)?;
-    out.identity_of_set.insert(set.to_vec(), identity);
+    emit_identity(out, policies, &per_policy, key, identity)?;
+    out.identity_of.insert(key.clone(), identity);
     Ok(())
 }
 
@@ -660,9 +702,10 @@ fn emit_identity(
     out: &mut Compiled,
     policies: &[Policy],
     per_policy: &[PolicyRules],
-    set: &[usize],
+    key: &IdentityKey,
     identity: u32,
 ) -> Result<(), CompileError> {
+    let set = &key.policies[..];
     let mut cfg = IdentityConfig {
         generation: out.generation,
         ..IdentityConfig::default()
@@ -736,7 +779,7 @@ fn emit_identity(
                 set,
             )?;
         }
-        devices::emit(out, pr, bit, identity, policies, set)?;
+        devices::emit(out, pr, bit, identity, policies, key)?;
         for (addr, len, r) in &pr.net {
             net.entry((*len, network(*addr, *len)))
                 .or_default()

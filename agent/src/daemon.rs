@@ -424,13 +424,14 @@ impl State {
         }
         let set = compile::select_cgroup(&self.policies, &cg);
         let mut compiled = (*self.compiled).clone();
-        let identity = if set.is_empty() {
+        let key = compile::IdentityKey::of(&compiled, &cg, set, std::path::Path::new("/"));
+        let identity = if key.policies.is_empty() {
             portcullis_common::IDENTITY_UNRESTRICTED
-        } else if let Some(&id) = compiled.identity_of_set.get(&set) {
+        } else if let Some(&id) = compiled.identity_of.get(&key) {
             id
         } else {
             let id = self.next_identity;
-            if let Err(e) = compile::add_identity(&mut compiled, &self.policies, &set, id)
+            if let Err(e) = compile::add_identity(&mut compiled, &self.policies, &key, id)
                 .map(|()| {
                     compiled = self
                         .metrics

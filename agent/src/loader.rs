@@ -977,8 +977,10 @@ mod tests {
             }
             if let Some(twin) = s.twin {
                 let t = find_spec(twin).expect("twin listed");
+                // Same event, not necessarily the same hook (the open twins
+                // sit behind different kernel guards).
                 assert!(t.fallback_only && t.action == s.action && t.twin.is_none());
-                assert_eq!(t.hook.name(), s.hook.name(), "{twin}");
+                assert_eq!(t.backend, s.backend, "{twin}");
             }
         }
     }

@@ -30,6 +30,18 @@ pub struct DevNum {
 }
 
 impl DevNum {
+    /// The device a node at `path` stands for (`None`: not a device node,
+    /// or not there).
+    pub fn of_node(path: &Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        let ft = meta.file_type();
+        (ft.is_char_device() || ft.is_block_device()).then(|| DevNum {
+            block: ft.is_block_device(),
+            major: libc::major(meta.rdev()),
+            minor: Some(libc::minor(meta.rdev())),
+        })
+    }
+
     const fn char(major: u32, minor: u32) -> Self {
         Self {
             block: false,
@@ -153,21 +165,16 @@ impl NodeDevices {
             DeviceTarget::Path(glob) => {
                 let found: Vec<DevNum> = crate::compile::resolve_glob(glob)
                     .iter()
-                    .filter_map(|r| {
-                        let meta = std::fs::metadata(&r.path).ok()?;
-                        let ft = meta.file_type();
-                        (ft.is_char_device() || ft.is_block_device()).then(|| DevNum {
-                            block: ft.is_block_device(),
-                            major: libc::major(meta.rdev()),
-                            minor: Some(libc::minor(meta.rdev())),
-                        })
-                    })
+                    .filter_map(|r| DevNum::of_node(&r.path))
                     .collect();
                 if found.is_empty() {
                     return Err(format!("path {glob} matches no device node now"));
                 }
                 found
             }
+            // Per container, from what the kubelet allocated to it
+            // (`compile::devices`): nothing node-wide.
+            DeviceTarget::Allocated => Vec::new(),
             DeviceTarget::Kind { kind, index, uuid } => match kind {
                 DeviceKind::NvidiaGpu => self.gpu_minors(*index, uuid.as_deref())?,
                 DeviceKind::Nvidiactl => vec![DevNum::char(NVIDIA_MAJOR, NVIDIACTL_MINOR)],

@@ -472,6 +472,7 @@ fn create_pod(
         linux: Some(LinuxContainerConfig {
             security_context: Some(LinuxContainerSecurityContext {
                 namespace_options: Some(host_ns),
+                privileged: false,
             }),
         }),
         ..Default::default()

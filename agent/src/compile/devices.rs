@@ -1,5 +1,7 @@
 //! Device rules: resolved to this node's device numbers once per compile,
-//! then written per identity under (identity, type, major, minor).
+//! then written per identity under (identity, type, major, minor). An
+//! `allocated` rule stands for the devices of the container itself, so it
+//! is expanded per identity (see `IdentityKey`).
 
 use std::sync::Arc;
 
@@ -8,10 +10,11 @@ use portcullis_common::{
     HAS_DEVICES, RULE_LOG_ALLOW, VERDICT_ALLOW, VERDICT_DENY,
 };
 
-use super::{Builder, CompileError, Compiled, PolicyRules, names};
+use super::{Builder, CompileError, Compiled, IdentityKey, PolicyRules, names};
 use crate::{
     node_devices::DevNum,
-    policy::{DefaultAction, Policy},
+    pod::allocated::AllocatedDevice,
+    policy::{DefaultAction, DeviceTarget, Policy},
 };
 
 impl Builder<'_> {
@@ -34,6 +37,18 @@ impl Builder<'_> {
                     continue;
                 }
                 let id = self.rule(policy, format!("devices.{name}[{i}] {}", r.text));
+                let rule = DeviceRule {
+                    access: r.access,
+                    rule_id: id,
+                    verdict,
+                    mode: pr.mode,
+                    policy_bit: 0,
+                    flags: if r.log { RULE_LOG_ALLOW as u8 } else { 0 },
+                };
+                if r.target == DeviceTarget::Allocated {
+                    pr.allocated.push(rule);
+                    continue;
+                }
                 let found = match self.node.resolve(&r.target) {
                     Ok(found) => found,
                     Err(why) => {
@@ -46,30 +61,48 @@ impl Builder<'_> {
                         continue;
                     }
                 };
-                let rule = DeviceRule {
-                    access: r.access,
-                    rule_id: id,
-                    verdict,
-                    mode: pr.mode,
-                    policy_bit: 0,
-                    flags: if r.log { RULE_LOG_ALLOW as u8 } else { 0 },
-                };
                 pr.devices.extend(found.into_iter().map(|d| (d, rule)));
             }
         }
     }
 }
 
-/// Writes the device rules of the policy at `bit` of identity `identity`.
+/// The device numbers of a container's allocated device nodes, with the
+/// access the kubelet granted each (nodes read under `root`). A node that
+/// is gone or is no device stands for nothing.
+pub fn allocated(devices: &[AllocatedDevice], root: &std::path::Path) -> Vec<(DevNum, u32)> {
+    let mut out: Vec<(DevNum, u32)> = devices
+        .iter()
+        .filter_map(|d| {
+            let path = root.join(d.host_path.trim_start_matches('/'));
+            Some((DevNum::of_node(&path)?, d.access))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Writes the device rules of the policy at `bit` of identity `identity`
+/// (its `allocated` rules over `key.allocated`).
 pub(super) fn emit(
     out: &mut Compiled,
     pr: &PolicyRules,
     bit: usize,
     identity: u32,
     policies: &[Policy],
-    set: &[usize],
+    key: &IdentityKey,
 ) -> Result<(), CompileError> {
-    for (d, rule) in &pr.devices {
+    let set = &key.policies[..];
+    // An allocated rule allows what both it and the kubelet grant.
+    let allocated = pr.allocated.iter().flat_map(|rule| {
+        key.allocated.iter().filter_map(move |(d, granted)| {
+            let access = rule.access & granted;
+            (access != 0).then_some((*d, DeviceRule { access, ..*rule }))
+        })
+    });
+    let all: Vec<(DevNum, DeviceRule)> = pr.devices.iter().copied().chain(allocated).collect();
+    for (d, rule) in &all {
         let key = device_key(identity, d);
         let entry = Arc::make_mut(&mut out.devices).entry(key).or_default();
         let rule = DeviceRule {

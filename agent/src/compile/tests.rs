@@ -279,6 +279,7 @@ fn pod_selectors_need_known_metadata_and_pending_cgroups_stay_unmapped() {
                 id: "c".into(),
                 name: n.into(),
                 image: "i".into(),
+                allocated: vec![],
             }),
             provisional: false,
         }))
@@ -371,9 +372,13 @@ fn a_later_policy_set_reuses_the_generations_rules() {
 
     let mut next = c.clone();
     assert!(Arc::ptr_eq(&next.rules, &c.rules) && Arc::ptr_eq(&next.exec, &c.exec));
-    add_identity(&mut next, &policies, &[0, 1], 42).unwrap();
+    let key = IdentityKey {
+        policies: vec![0, 1],
+        allocated: vec![],
+    };
+    add_identity(&mut next, &policies, &key, 42).unwrap();
     assert_eq!(next.rules.len(), rules, "no rule registered twice");
-    assert_eq!(next.identity_of_set[&vec![0, 1]], 42);
+    assert_eq!(next.identity_of[&key], 42);
     let id_of = |c: &Compiled, identity| {
         c.exec
             .iter()
@@ -394,7 +399,15 @@ fn a_later_policy_set_reuses_the_generations_rules() {
 
     // Policies from another generation are refused, not mixed in.
     assert!(matches!(
-        add_identity(&mut next, &policies[..1], &[0], 43),
+        add_identity(
+            &mut next,
+            &policies[..1],
+            &IdentityKey {
+                policies: vec![0],
+                allocated: vec![]
+            },
+            43
+        ),
         Err(CompileError::Stale)
     ));
 }
@@ -418,4 +431,75 @@ fn rule_changes_ignore_renumbering() {
     assert_eq!(added, ["egress: network.egress.allow 192.168.0.1/32"]);
     assert_eq!(removed, ["egress: network.egress.allow 10.0.0.2/32"]);
     assert_eq!(rule_changes(&new, &new), (vec![], vec![]));
+}
+
+/// An `allocated` rule gives each container the devices the kubelet
+/// allocated to it, with the access it granted: containers with different
+/// devices get identities of their own, one without any gets none, and
+/// policies without such a rule still share one identity.
+#[test]
+fn allocated_device_rules_are_per_container() {
+    use crate::pod::{ContainerMetadata, allocated::AllocatedDevice};
+    use portcullis_common::{ACCESS_MKNOD, ACCESS_WRITE, DEVICE_CHAR, DeviceKey};
+    let text = "apiVersion: portcullis.dev/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: gpus\nspec:\n  selector:\n    cgroupPath: /pods/**\n  devices:\n    default: deny\n    allow:\n      - { allocated: true, access: [read, write] }\n";
+    let policies = crate::policy::parse_str(text, std::path::Path::new("p.yaml")).unwrap();
+    let container = |id: &str, devices: &[(&str, u32)]| {
+        let mut cg = CgroupInfo::new(0, format!("/pods/{id}"));
+        cg.pod = Lookup::Known(Arc::new(PodMetadata {
+            container: Some(ContainerMetadata {
+                id: id.into(),
+                allocated: devices
+                    .iter()
+                    .map(|&(p, access)| AllocatedDevice {
+                        host_path: p.into(),
+                        access,
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }));
+        cg
+    };
+    let rwm = ACCESS_READ | ACCESS_WRITE | ACCESS_MKNOD;
+    let mut cgroups = vec![
+        container("a", &[("/dev/null", rwm)]),
+        container("b", &[("/dev/zero", ACCESS_READ)]),
+        container("c", &[("/dev/null", rwm)]),
+        container("none", &[]),
+        container("gone", &[("/dev/portcullis-no-such-node", rwm)]),
+    ];
+    for (i, cg) in cgroups.iter_mut().enumerate() {
+        cg.id = i as u64 + 1;
+    }
+    let c = compile(&policies, &cgroups, N).unwrap();
+    let id = |cg: u64| c.cgroups[&cg];
+    assert_eq!(id(1), id(3), "same devices, same identity");
+    assert_ne!(id(1), id(2));
+    assert_eq!(id(4), id(5), "no device node: as no allocation");
+    assert_ne!(id(1), id(4));
+    let rule = |identity, minor| {
+        c.devices.get(&DeviceKey {
+            identity,
+            kind: DEVICE_CHAR,
+            major: 1,
+            minor,
+        })
+    };
+    // /dev/null is 1:3 and /dev/zero 1:5 on every Linux.
+    let null = rule(id(1), 3).expect("a's /dev/null");
+    assert_eq!(null.count, 1);
+    assert_eq!(
+        null.rules[0].access,
+        ACCESS_READ | ACCESS_WRITE,
+        "rule ∩ kubelet"
+    );
+    assert!(rule(id(1), 5).is_none(), "b's device is not a's");
+    assert_eq!(
+        rule(id(2), 5).expect("b's /dev/zero").rules[0].access,
+        ACCESS_READ
+    );
+    assert!(c.devices.keys().all(|k| k.identity != id(4)));
+    // The identity config still says default deny for devices.
+    assert_eq!(c.identity_cfg[&id(4)].dev_deny_enforce, 1);
 }

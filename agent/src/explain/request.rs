@@ -85,6 +85,8 @@ impl Request {
                 id: String::new(),
                 name: c.into(),
                 image: p["image"].as_str().unwrap_or_default().into(),
+                // Not in the log: an `allocated` rule cannot be judged.
+                allocated: Vec::new(),
             }),
             provisional: false,
         });

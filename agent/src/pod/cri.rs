@@ -222,6 +222,8 @@ pub struct ImageSpec {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LinuxContainerSecurityContext {
+    #[prost(bool, tag = "2")]
+    pub privileged: bool,
     #[prost(message, optional, tag = "3")]
     pub namespace_options: Option<NamespaceOption>,
 }
@@ -230,6 +232,19 @@ pub struct LinuxContainerSecurityContext {
 pub struct LinuxContainerConfig {
     #[prost(message, optional, tag = "2")]
     pub security_context: Option<LinuxContainerSecurityContext>,
+}
+
+/// A device node the kubelet passes into a container (a device plugin's
+/// `DeviceSpec`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Device {
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    /// cgroup permissions, `rwm` letters.
+    #[prost(string, tag = "3")]
+    pub permissions: String,
 }
 
 /// A bind mount from the host into a container.
@@ -255,6 +270,8 @@ pub struct ContainerConfig {
     pub args: Vec<String>,
     #[prost(message, repeated, tag = "7")]
     pub mounts: Vec<Mount>,
+    #[prost(message, repeated, tag = "8")]
+    pub devices: Vec<Device>,
     #[prost(map = "string, string", tag = "9")]
     pub labels: HashMap<String, String>,
     #[prost(string, tag = "11")]
@@ -363,6 +380,9 @@ pub struct ContainerStatus {
 pub struct ContainerStatusResponse {
     #[prost(message, optional, tag = "1")]
     pub status: Option<ContainerStatus>,
+    /// Verbose answers only: runtime-specific JSON (see `allocated`).
+    #[prost(map = "string, string", tag = "2")]
+    pub info: HashMap<String, String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -554,17 +574,20 @@ impl CriClient {
         Ok(r.containers)
     }
 
-    pub async fn container_status(&mut self, id: &str) -> Result<ContainerStatus, CriError> {
-        let r: ContainerStatusResponse = self
-            .call(
-                "/runtime.v1.RuntimeService/ContainerStatus",
-                ContainerStatusRequest {
-                    container_id: id.into(),
-                    verbose: false,
-                },
-            )
-            .await?;
-        Ok(r.status.unwrap_or_default())
+    /// The container's status, with the runtime's verbose info (where
+    /// containerd keeps the CRI config the container was created with).
+    pub async fn container_status(
+        &mut self,
+        id: &str,
+    ) -> Result<ContainerStatusResponse, CriError> {
+        self.call(
+            "/runtime.v1.RuntimeService/ContainerStatus",
+            ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: true,
+            },
+        )
+        .await
     }
 
     /// containerd only (CRI-O has no such API): the container record in

@@ -26,6 +26,7 @@
 //! - With the CRI socket unreachable the agent logs it once, classifies by
 //!   path, and re-reads every pod when the runtime answers again.
 
+pub mod allocated;
 pub mod cgroup_path;
 pub mod cri;
 pub mod service_account;
@@ -74,6 +75,8 @@ pub struct ContainerMetadata {
     pub id: String,
     pub name: String,
     pub image: String,
+    /// What the kubelet allocated to it (see [`allocated`]).
+    pub allocated: Vec<allocated::AllocatedDevice>,
 }
 
 /// The answer for one cgroup.
@@ -160,6 +163,9 @@ pub struct Resolver {
     recovered: bool,
     pods: HashMap<String, Pod>,
     containers: HashMap<String, cri::Container>,
+    /// Each container's allocated devices, read once (they never change for
+    /// a container's life); kept across refreshes.
+    allocations: HashMap<String, Vec<allocated::AllocatedDevice>>,
     /// Cgroups classified from [`Lookup::Partial`] metadata, by id: looked
     /// up again until the runtime reports them.
     provisional: HashMap<u64, String>,
@@ -175,6 +181,7 @@ impl Resolver {
             recovered: false,
             pods: HashMap::new(),
             containers: HashMap::new(),
+            allocations: HashMap::new(),
             provisional: HashMap::new(),
         }
     }
@@ -337,6 +344,20 @@ impl Resolver {
         }
         self.pods = pods;
         self.containers = containers.into_iter().map(|c| (c.id.clone(), c)).collect();
+        self.allocations
+            .retain(|id, _| self.containers.contains_key(id));
+        let unread: Vec<String> = self
+            .containers
+            .keys()
+            .filter(|id| !self.allocations.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in unread {
+            if let Ok(r) = client.container_status(&id).await {
+                self.allocations
+                    .insert(id, allocated::from_status_info(&r.info).unwrap_or_default());
+            }
+        }
         Ok(())
     }
 
@@ -361,7 +382,11 @@ impl Resolver {
             && !pod.sandbox_ids.contains(id)
         {
             let c = self.containers.get(id)?;
+            // Not answered without it: an identity computed without the
+            // container's devices would stay wrong for its life.
+            let allocated = self.allocations.get(id)?.clone();
             meta.container = Some(ContainerMetadata {
+                allocated,
                 id: id.clone(),
                 name: c
                     .metadata
@@ -387,7 +412,12 @@ impl Resolver {
         };
         let mut client = client.clone();
         match client.container_status(id).await {
-            Ok(st) if st.id == id => {
+            Ok(r) if r.status.as_ref().is_some_and(|st| st.id == id) => {
+                self.allocations.insert(
+                    id.to_string(),
+                    allocated::from_status_info(&r.info).unwrap_or_default(),
+                );
+                let st = r.status.unwrap_or_default();
                 let c = cri::Container {
                     id: st.id.clone(),
                     metadata: st.metadata,

@@ -75,6 +75,9 @@ pub enum DeviceTarget {
     },
     /// A glob over device node paths, resolved with `stat` to numbers.
     Path(String),
+    /// The devices the kubelet allocated to the acting container: the
+    /// device list of its CRI config (see `compile::devices::allocated`).
+    Allocated,
 }
 
 #[derive(Debug, Clone, PartialEq)]

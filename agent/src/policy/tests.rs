@@ -1247,7 +1247,7 @@ fn device_rules_parse_and_bad_ones_name_line_and_field() {
         )
     };
     let p = parse_one(&doc(
-        "    default: deny\n    allow:\n      - { kind: nvidia-gpu, index: 0, access: [read, write] }\n      - { device: \"c 195:*\", log: true }\n      - { path: /dev/dri/renderD* }\n    deny:\n      - { kind: nvidia-uvm-tools }\n",
+        "    default: deny\n    allow:\n      - { kind: nvidia-gpu, index: 0, access: [read, write] }\n      - { device: \"c 195:*\", log: true }\n      - { path: /dev/dri/renderD* }\n      - { allocated: true, access: [read, write] }\n    deny:\n      - { kind: nvidia-uvm-tools }\n",
     ));
     let d = p.devices.expect("devices");
     assert_eq!(d.default, DefaultAction::Deny);
@@ -1256,7 +1256,8 @@ fn device_rules_parse_and_bad_ones_name_line_and_field() {
         [
             "nvidia-gpu index 0 read,write",
             "c 195:* read,write,mknod",
-            "/dev/dri/renderD* read,write,mknod"
+            "/dev/dri/renderD* read,write,mknod",
+            "allocated read,write"
         ]
     );
     assert_eq!(d.allow[0].line, 11);
@@ -1281,6 +1282,24 @@ fn device_rules_parse_and_bad_ones_name_line_and_field() {
             10,
             "spec.devices.allow[0].device",
             "'195' is not a device number: expected MAJOR:MINOR, e.g. \"195:0\", \"c 195:*\" or \"b 8:0\"",
+        ),
+        (
+            "    deny:\n      - { allocated: true }\n",
+            10,
+            "spec.devices.deny[0].allocated",
+            "allocated is only valid in devices.allow (deny the devices by kind or number)",
+        ),
+        (
+            "    allow:\n      - { allocated: false }\n",
+            10,
+            "spec.devices.allow[0].allocated",
+            "allocated must be true (omit the rule to allow nothing)",
+        ),
+        (
+            "    allow:\n      - { allocated: true, kind: nvidiactl }\n",
+            10,
+            "spec.devices.allow[0]",
+            "give exactly one of kind, device, path or allocated (found kind, allocated)",
         ),
         (
             "    deny:\n      - { kind: nvidiactl, index: 1 }\n",
@@ -1310,7 +1329,7 @@ fn device_rules_parse_and_bad_ones_name_line_and_field() {
         (both[0].field.as_str(), both[0].message.as_str()),
         (
             "spec.devices.allow[0]",
-            "give exactly one of kind, device or path (found kind, device)"
+            "give exactly one of kind, device, path or allocated (found kind, device)"
         )
     );
 }

@@ -135,6 +135,7 @@ fn cgroup_of((i, case): (usize, &Case)) -> CgroupInfo {
                 id: String::new(),
                 name: name.clone(),
                 image: String::new(),
+                allocated: Vec::new(),
             }),
             provisional: false,
         }));

@@ -45,11 +45,19 @@ impl Cx<'_> {
             n,
             path,
             Some(&[
-                "kind", "index", "uuid", "device", "path", "access", "log", "until",
+                "kind",
+                "index",
+                "uuid",
+                "device",
+                "path",
+                "allocated",
+                "access",
+                "log",
+                "until",
             ]),
         )?;
         let before = self.errors.len();
-        let named: Vec<&str> = ["kind", "device", "path"]
+        let named: Vec<&str> = ["kind", "device", "path", "allocated"]
             .into_iter()
             .filter(|k| f.get(k).is_some())
             .collect();
@@ -58,7 +66,7 @@ impl Cx<'_> {
                 f.at,
                 path,
                 format!(
-                    "give exactly one of kind, device or path (found {})",
+                    "give exactly one of kind, device, path or allocated (found {})",
                     if named.is_empty() {
                         "none".to_owned()
                     } else {
@@ -107,6 +115,27 @@ impl Cx<'_> {
                     .map_err(|msg| self.err(p.referenced, &f.path("path"), msg))
                     .ok()
             })
+        } else if let Some(a) = f.get("allocated") {
+            match self.boolean(a, &f.path("allocated")) {
+                Some(true) if is_allow => Some(DeviceTarget::Allocated),
+                Some(true) => {
+                    self.err(
+                        a.referenced,
+                        &f.path("allocated"),
+                        "allocated is only valid in devices.allow (deny the devices by kind or number)",
+                    );
+                    None
+                }
+                Some(false) => {
+                    self.err(
+                        a.referenced,
+                        &f.path("allocated"),
+                        "allocated must be true (omit the rule to allow nothing)",
+                    );
+                    None
+                }
+                None => None,
+            }
         } else {
             None
         };
@@ -227,6 +256,7 @@ fn target_text(t: &DeviceTarget) -> String {
             minor.map_or("*".to_owned(), |m| m.to_string())
         ),
         DeviceTarget::Path(p) => p.clone(),
+        DeviceTarget::Allocated => "allocated".to_owned(),
     }
 }
 
