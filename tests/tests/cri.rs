@@ -21,7 +21,7 @@ use std::{
 };
 
 use portcullis::pod::cri::{
-    ContainerConfig, ContainerMetadata, CriClient, ImageSpec, LinuxContainerConfig,
+    ContainerConfig, ContainerMetadata, CriClient, Device, ImageSpec, LinuxContainerConfig,
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount,
     NAMESPACE_MODE_NODE, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
 };
@@ -376,6 +376,10 @@ struct PodSpec<'a> {
     script: String,
     /// A pod UID chosen by the caller (a pod the "kubelet" already set up).
     uid: Option<String>,
+    /// A privileged pod (its container sees every host device).
+    privileged: bool,
+    /// Device nodes "the kubelet" passes in (a device plugin's allocation).
+    devices: Vec<Device>,
 }
 
 fn pod_uid() -> String {
@@ -445,6 +449,7 @@ fn create_pod(
             cgroup_parent: cgroup_parent.clone(),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(host_ns.clone()),
+                privileged: spec.privileged,
             }),
         }),
         ..Default::default()
@@ -469,10 +474,11 @@ fn create_pod(
             host_path: shared.display().to_string(),
             readonly: true,
         }],
+        devices: spec.devices.clone(),
         linux: Some(LinuxContainerConfig {
             security_context: Some(LinuxContainerSecurityContext {
                 namespace_options: Some(host_ns),
-                privileged: false,
+                privileged: spec.privileged,
             }),
         }),
         ..Default::default()
@@ -715,6 +721,8 @@ spec:
         container: "server",
         script: first_connect.clone(),
         uid: None,
+        privileged: false,
+        devices: vec![],
     };
     let neighbour_spec = PodSpec {
         name: "builder-0",
@@ -724,6 +732,8 @@ spec:
         container: "worker",
         script: first_connect.clone(),
         uid: None,
+        privileged: false,
+        devices: vec![],
     };
     let triton = create_pod(ctrd, &top, &triton_spec, &shared, &kubelet_root);
     let neighbour = create_pod(ctrd, &top, &neighbour_spec, &shared, &kubelet_root);
@@ -851,6 +861,126 @@ spec:
     let _ = (&triton.sandbox, &neighbour.sandbox);
 }
 
+/// "Only the GPUs the scheduler gave it": two privileged pods (so the
+/// runtime's own device rules allow everything and only ours decide), each
+/// with one GPU passed in by "the kubelet" as a device plugin would. The
+/// policy allows each container its allocated devices and lets it create
+/// any GPU node, nothing more: in each pod its own GPU opens (ENXIO: no
+/// driver behind the number) through the node the runtime made and a node
+/// made with mknod, and the other pod's GPU is EPERM, however it is reached.
+/// A reload allowing every GPU opens it.
+#[test]
+fn allocated_devices_rule_admits_exactly_the_containers_own_devices() {
+    require_kernel!();
+    let Some(mut node) = Node::start("cri-gpu") else {
+        return;
+    };
+    let (top, shared, kubelet_root) = node.paths();
+    let ctrd = &mut node.ctrd;
+    for minor in [0, 1] {
+        let path = shared.join(format!("nvidia{minor}"));
+        nix::sys::stat::mknod(
+            &path,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(195, minor),
+        )
+        .unwrap();
+    }
+    let policy = |extra: &str| {
+        format!(
+            r#"apiVersion: portcullis.dev/v1alpha1
+kind: HostPolicy
+metadata: {{name: gpu-tenants}}
+spec:
+  selector:
+    podLabels: {{app: gpu-tenant}}
+  devices:
+    default: deny
+    allow:
+      - {{allocated: true}}
+      - {{device: "c 195:*", access: [mknod]}}
+      # What every container needs: /dev/null and friends, ttys, ptys.
+      - {{device: "c 1:*"}}
+      - {{device: "c 5:*"}}
+      - {{device: "c 136:*"}}
+{extra}"#
+        )
+    };
+    let mut agent = cri_agent(&policy(""), ctrd, &kubelet_root);
+    let tenant = |name: &'static str, minor: u32| PodSpec {
+        name,
+        namespace: "ml",
+        service_account: "trainer",
+        labels: &[("app", "gpu-tenant")],
+        container: "trainer",
+        script: "exec sleep 1000000".into(),
+        uid: None,
+        privileged: true,
+        devices: vec![Device {
+            container_path: format!("/dev/nvidia{minor}"),
+            host_path: shared.join(format!("nvidia{minor}")).display().to_string(),
+            permissions: "rw".into(),
+        }],
+    };
+    let a = create_pod(ctrd, &top, &tenant("tenant-a", 0), &shared, &kubelet_root);
+    let b = create_pod(ctrd, &top, &tenant("tenant-b", 1), &shared, &kubelet_root);
+    // `cat` says why it cannot open: ENXIO is an allowed open of a number
+    // with no driver behind it, EPERM our deny.
+    let try_open = |pod: &Pod, path: &str| {
+        exec(
+            ctrd,
+            pod,
+            &format!("cat {path} 2>&1 </dev/null; echo rc=$?"),
+        )
+    };
+    let allowed = "No such device or address";
+    let denied = "Operation not permitted";
+    for (pod, own, other) in [(&a, 0, 1), (&b, 1, 0)] {
+        let out = exec(
+            ctrd,
+            pod,
+            "busybox mknod /tmp/g0 c 195 0 && busybox mknod /tmp/g1 c 195 1; echo rc=$?",
+        );
+        assert!(out.ends_with("rc=0\n"), "mknod: {out}\n{}", agent.log());
+        for path in [format!("/dev/nvidia{own}"), format!("/tmp/g{own}")] {
+            let out = try_open(pod, &path);
+            assert!(
+                out.contains(allowed),
+                "own GPU {path}: {out}\n{}",
+                agent.log()
+            );
+        }
+        let out = try_open(pod, &format!("/tmp/g{other}"));
+        assert!(
+            out.contains(denied),
+            "the other pod's GPU: {out}\n{}",
+            agent.log()
+        );
+    }
+    let d = agent.wait_decision("a device deny in tenant-a", |d| {
+        d["action"] == "device"
+            && d["target"]["device"] == "c 195:1"
+            && d["workload"]["pod"]["name"] == "tenant-a"
+    });
+    assert_eq!(d["policy"], "gpu-tenants", "{d}");
+
+    assert!(agent.reload(&policy("      - {kind: nvidia-gpu}\n")));
+    let out = try_open(&a, "/tmp/g1");
+    assert!(
+        out.contains(allowed),
+        "every GPU allowed now: {out}\n{}",
+        agent.log()
+    );
+
+    let mut client = ctrd.client.clone();
+    for id in std::mem::take(&mut ctrd.sandboxes) {
+        ctrd.rt.block_on(client.stop_pod_sandbox(&id)).unwrap();
+        ctrd.rt.block_on(client.remove_pod_sandbox(&id)).unwrap();
+    }
+    remove_cgroups(&top);
+}
+
 /// The agent starts while the runtime is down (a node where containerd
 /// restarts): pods are governed by path meanwhile (their ancestors'
 /// identity), and once the runtime answers again the agent re-reads every
@@ -872,6 +1002,8 @@ fn pod_selectors_apply_once_an_unreachable_runtime_answers_again() {
         container: "server",
         script: "exec sleep 1000000".into(),
         uid: None,
+        privileged: false,
+        devices: vec![],
     };
     let pod = create_pod(ctrd, &top, &spec, &shared, &kubelet_root);
     let container_cgroup = cgroup_root()
@@ -980,6 +1112,8 @@ fn namespace_default_applies_before_the_runtime_reports_the_pod() {
         container: "server",
         script: "exec sleep 1000000".into(),
         uid: Some(uid.clone()),
+        privileged: false,
+        devices: vec![],
     };
     create_pod(ctrd, &top, &spec, &shared, &kubelet_root);
     let start = Instant::now();

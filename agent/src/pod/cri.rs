@@ -91,6 +91,9 @@ pub struct NamespaceOption {
 pub struct LinuxSandboxSecurityContext {
     #[prost(message, optional, tag = "1")]
     pub namespace_options: Option<NamespaceOption>,
+    /// Needed for any privileged container in the pod.
+    #[prost(bool, tag = "6")]
+    pub privileged: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
