@@ -1,8 +1,9 @@
 //! The device classes of this node: which device numbers a policy's
 //! `devices:` kinds stand for here. Read once per compile from procfs:
 //! `<proc>/devices` (dynamic majors: nvidia-uvm, nvidia-caps, kfd),
-//! `<proc>/misc` (rdma_cm) and `<proc>/driver/nvidia/gpus/*/information`
-//! (each GPU's minor and UUID). `--host-proc` points it at another tree,
+//! `<proc>/misc` (rdma_cm), `<proc>/driver/nvidia/gpus/*/information`
+//! (each GPU's minor and UUID) and `<proc>/driver/nvidia-caps/mig-minors`
+//! (the capability minor of each MIG instance). `--host-proc` points it at another tree,
 //! which is how the tests stand in for a GPU node.
 
 use std::{
@@ -51,6 +52,17 @@ impl DevNum {
     }
 }
 
+/// `gpu0/gi1/access 12` or `gpu0/gi1/ci0/access 13` → ((0, 1), minor);
+/// the GPU-wide lines (`config`, `monitor`, `gpu0/gi0` parents) too, but
+/// not `config`/`monitor`, which are no instance's.
+fn parse_mig_line(line: &str) -> Option<((u32, u32), u32)> {
+    let (name, minor) = line.trim().split_once(' ')?;
+    let mut parts = name.split('/');
+    let gpu = parts.next()?.strip_prefix("gpu")?.parse().ok()?;
+    let gi = parts.next()?.strip_prefix("gi")?.parse().ok()?;
+    Some(((gpu, gi), minor.trim().parse().ok()?))
+}
+
 /// An NVIDIA GPU the driver reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gpu {
@@ -78,6 +90,9 @@ pub struct NodeDevices {
     pub gpus: Vec<Gpu>,
     /// Whether `<proc>/driver/nvidia/gpus` exists (the driver is loaded).
     pub nvidia_driver: bool,
+    /// MIG capability nodes: `gpu<G>/gi<I>[/ci<C>]/access <minor>` lines of
+    /// `mig-minors`, as ((G, I), minor). G is the GPU's device minor.
+    mig: Vec<((u32, u32), u32)>,
 }
 
 impl NodeDevices {
@@ -105,6 +120,10 @@ impl NodeDevices {
                 let (num, name) = l.trim().split_once(' ')?;
                 Some((name.trim().to_owned(), num.parse().ok()?))
             })
+            .collect();
+        let mig = read("driver/nvidia-caps/mig-minors")
+            .lines()
+            .filter_map(parse_mig_line)
             .collect();
         let gpu_dir = proc_root.join("driver/nvidia/gpus");
         let mut buses: Vec<PathBuf> = std::fs::read_dir(&gpu_dir)
@@ -135,6 +154,7 @@ impl NodeDevices {
             misc,
             gpus,
             nvidia_driver: gpu_dir.is_dir(),
+            mig,
         }
     }
 
@@ -175,7 +195,12 @@ impl NodeDevices {
             // Per container, from what the kubelet allocated to it
             // (`compile::devices`): nothing node-wide.
             DeviceTarget::Allocated => Vec::new(),
-            DeviceTarget::Kind { kind, index, uuid } => match kind {
+            DeviceTarget::Kind {
+                kind,
+                index,
+                uuid,
+                instance,
+            } => match kind {
                 DeviceKind::NvidiaGpu => self.gpu_minors(*index, uuid.as_deref())?,
                 DeviceKind::Nvidiactl => vec![DevNum::char(NVIDIA_MAJOR, NVIDIACTL_MINOR)],
                 DeviceKind::NvidiaModeset => {
@@ -188,6 +213,7 @@ impl NodeDevices {
                     major: self.dynamic("nvidia-caps")?,
                     minor: None,
                 }],
+                DeviceKind::NvidiaMig => self.mig_minors(*index, *instance)?,
                 DeviceKind::RdmaUmad => range(INFINIBAND_MAJOR, 0..64),
                 DeviceKind::RdmaIssm => range(INFINIBAND_MAJOR, 64..128),
                 DeviceKind::RdmaUverbs => range(INFINIBAND_MAJOR, 192..256),
@@ -202,6 +228,34 @@ impl NodeDevices {
                 DeviceKind::AmdKfd => vec![DevNum::char(self.dynamic("kfd")?, 0)],
             },
         })
+    }
+
+    /// The capability nodes of GPU `index`'s MIG instance `instance` (and
+    /// of its compute instances), or of all of them when one is absent.
+    fn mig_minors(&self, index: Option<u32>, instance: Option<u32>) -> Result<Vec<DevNum>, String> {
+        let major = self.dynamic("nvidia-caps")?;
+        let gpu = match index {
+            Some(i) => Some(
+                self.gpu_minors(Some(i), None)?
+                    .first()
+                    .and_then(|d| d.minor)
+                    .unwrap_or(i),
+            ),
+            None => None,
+        };
+        let minors: Vec<DevNum> = self
+            .mig
+            .iter()
+            .filter(|((g, gi), _)| gpu.is_none_or(|x| x == *g) && instance.is_none_or(|x| x == *gi))
+            .map(|(_, minor)| DevNum::char(major, *minor))
+            .collect();
+        if minors.is_empty() {
+            return Err(
+                "no such MIG instance on this node (not in /proc/driver/nvidia-caps/mig-minors)"
+                    .to_owned(),
+            );
+        }
+        Ok(minors)
     }
 
     /// GPU minors: every GPU's, or one by index or UUID. Without the
@@ -263,6 +317,9 @@ impl NodeDevices {
             },
             (_, 0) if dynamic("nvidia-uvm") => class("nvidia-uvm"),
             (_, 1) if dynamic("nvidia-uvm") => class("nvidia-uvm-tools"),
+            _ if dynamic("nvidia-caps") && self.mig.iter().any(|(_, m)| *m == minor) => {
+                class("nvidia-mig")
+            }
             _ if dynamic("nvidia-caps") => class("nvidia-caps"),
             _ if dynamic("kfd") => class("amd-kfd"),
             (INFINIBAND_MAJOR, 0..64) => class("rdma-umad"),
@@ -289,6 +346,12 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("misc"), " 58 rdma_cm\n200 tun\n").unwrap();
+        std::fs::create_dir_all(dir.join("driver/nvidia-caps")).unwrap();
+        std::fs::write(
+            dir.join("driver/nvidia-caps/mig-minors"),
+            "config 1\nmonitor 2\ngpu1/gi1/access 12\ngpu1/gi1/ci0/access 13\ngpu1/gi2/access 21\n",
+        )
+        .unwrap();
         for (bus, minor, uuid) in [
             ("0000:3b:00.0", 1, "GPU-aaaa"),
             ("0000:17:00.0", 0, "GPU-bbbb"),
@@ -312,7 +375,25 @@ mod tests {
             kind,
             index,
             uuid: uuid.map(str::to_owned),
+            instance: None,
         };
+        // MIG: GPU 1 (minor 1) has instances 1 and 2, instance 1 with one
+        // compute instance; `config` is no instance's.
+        let mig = |index, instance| {
+            node.resolve(&DeviceTarget::Kind {
+                kind: DeviceKind::NvidiaMig,
+                index,
+                uuid: None,
+                instance,
+            })
+        };
+        assert_eq!(
+            mig(Some(1), Some(1)),
+            Ok(vec![DevNum::char(510, 12), DevNum::char(510, 13)])
+        );
+        assert_eq!(mig(Some(1), Some(2)), Ok(vec![DevNum::char(510, 21)]));
+        assert_eq!(mig(None, None).map(|v| v.len()), Ok(3));
+        assert!(mig(Some(0), None).is_err(), "GPU 0 has no MIG instance");
         // Index in bus order: 0000:17 is GPU 0 (minor 0), 0000:3b GPU 1.
         assert_eq!(
             node.resolve(&kind(DeviceKind::NvidiaGpu, Some(1), None)),

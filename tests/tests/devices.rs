@@ -12,12 +12,20 @@ use portcullis_tests::{
 const ENXIO: i32 = libc::ENXIO;
 
 /// A GPU node's procfs as the agent reads it: GPU 0 is minor 0
-/// (GPU-bbbb), GPU 1 is minor 1 (GPU-aaaa), nvidia-uvm has major 509.
+/// (GPU-bbbb), GPU 1 is minor 1 (GPU-aaaa), nvidia-uvm has major 509,
+/// and GPU 1 is split into MIG instances 1 and 2, whose capability nodes
+/// are nvidia-caps (major 510) minors 12 and 21.
 fn fake_proc(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         dir.join("devices"),
-        "Character devices:\n  1 mem\n195 nvidia\n509 nvidia-uvm\n\nBlock devices:\n  8 sd\n",
+        "Character devices:\n  1 mem\n195 nvidia\n509 nvidia-uvm\n510 nvidia-caps\n\nBlock devices:\n  8 sd\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("driver/nvidia-caps")).unwrap();
+    std::fs::write(
+        dir.join("driver/nvidia-caps/mig-minors"),
+        "config 1\nmonitor 2\ngpu1/gi1/access 12\ngpu1/gi2/access 21\n",
     )
     .unwrap();
     for (bus, minor, uuid) in [
@@ -158,4 +166,34 @@ fn mknod_and_gpus_by_uuid_follow_the_policy_and_a_reload() {
     );
     let d = agent.wait_decision("mknod deny line", |d| d["target"]["access"] == "mknod");
     assert_eq!(d["target"]["device"], "c 195:1");
+}
+
+/// MIG: a workload given one GPU instance (its parent GPU and that
+/// instance's capability node) cannot open the neighbouring instance's
+/// capability, on any node made for it; the decision line names it.
+#[test]
+fn a_mig_instance_is_allowed_by_gpu_index_and_instance() {
+    require_kernel!();
+    let tmp = TempDir::new("devices-mig");
+    fake_proc(&tmp.path("proc"));
+    mknod(&tmp.path("nvidia1"), 195, 1);
+    mknod(&tmp.path("cap-gi1"), 510, 12);
+    mknod(&tmp.path("cap-gi2"), 510, 21);
+    let cg = Cgroup::create("gpu-mig");
+    let one_instance = "      - { kind: nvidia-gpu, index: 1 }\n      - { kind: nvidia-mig, index: 1, instance: 1 }\n";
+    let mut agent = Agent::start_with(
+        &gpu_policy(&cg, one_instance),
+        &["--host-proc", &tmp.str("proc")],
+    );
+    let open = |node: &str| probe(&cg, &["read", &tmp.str(node)]);
+    assert_eq!(open("nvidia1"), Outcome::Errno(ENXIO));
+    assert_eq!(open("cap-gi1"), Outcome::Errno(ENXIO), "its own instance");
+    assert_eq!(open("cap-gi2"), Outcome::Errno(EPERM), "the neighbour's");
+    let d = agent.wait_decision("MIG deny line", |d| {
+        d["action"] == "device" && d["target"]["device"] == "c 510:21"
+    });
+    assert_eq!(d["target"]["class"], "nvidia-mig", "{d}");
+    // Every instance of GPU 1.
+    assert!(agent.reload(&gpu_policy(&cg, "      - { kind: nvidia-mig, index: 1 }\n")));
+    assert_eq!(open("cap-gi2"), Outcome::Errno(ENXIO));
 }

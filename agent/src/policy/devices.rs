@@ -19,6 +19,10 @@ pub enum DeviceKind {
     NvidiaUvmTools,
     /// `/dev/nvidia-caps/*` (dynamic major, MIG capabilities).
     NvidiaCaps,
+    /// One GPU's MIG instances, by GPU `index` and optionally `instance`:
+    /// their capability nodes in `/dev/nvidia-caps`, whose minors the driver
+    /// lists in `/proc/driver/nvidia-caps/mig-minors`.
+    NvidiaMig,
     /// `/dev/infiniband/uverbsN` (231:192-255).
     RdmaUverbs,
     /// `/dev/infiniband/rdma_cm` (misc 10, dynamic minor).
@@ -35,13 +39,14 @@ pub enum DeviceKind {
 
 impl DeviceKind {
     /// The names policies use.
-    pub const ALL: [(&'static str, DeviceKind); 12] = [
+    pub const ALL: [(&'static str, DeviceKind); 13] = [
         ("nvidia-gpu", Self::NvidiaGpu),
         ("nvidiactl", Self::Nvidiactl),
         ("nvidia-modeset", Self::NvidiaModeset),
         ("nvidia-uvm", Self::NvidiaUvm),
         ("nvidia-uvm-tools", Self::NvidiaUvmTools),
         ("nvidia-caps", Self::NvidiaCaps),
+        ("nvidia-mig", Self::NvidiaMig),
         ("rdma-uverbs", Self::RdmaUverbs),
         ("rdma-cm", Self::RdmaCm),
         ("rdma-issm", Self::RdmaIssm),
@@ -61,11 +66,14 @@ impl DeviceKind {
 /// What a device rule names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceTarget {
-    /// A kind; for `nvidia-gpu`, optionally one GPU by index or UUID.
+    /// A kind; for `nvidia-gpu`, optionally one GPU by index or UUID; for
+    /// `nvidia-mig`, optionally one GPU by index and one of its GPU
+    /// instances.
     Kind {
         kind: DeviceKind,
         index: Option<u32>,
         uuid: Option<String>,
+        instance: Option<u32>,
     },
     /// `c 195:0`, `195:*`, `b 8:0`: a number, `minor: None` for all minors.
     Number {

@@ -231,19 +231,24 @@ struct Devices {
     deny: Option<Vec<DeviceRule>>,
 }
 
-/// Exactly one of `kind`, `device` and `path`.
+/// Exactly one of `kind`, `device`, `path` and `allocated`.
 #[derive(JsonSchema)]
 #[schemars(deny_unknown_fields)]
 struct DeviceRule {
     kind: Option<DeviceKind>,
-    /// `nvidia-gpu` only: the GPU's index.
+    /// `nvidia-gpu` and `nvidia-mig` only: the GPU's index.
     index: Option<u32>,
     /// `nvidia-gpu` only: the GPU's UUID.
     uuid: Option<String>,
+    /// `nvidia-mig` only, with `index`: the GPU instance id.
+    instance: Option<u32>,
     /// `"195:0"`, `"c 195:*"`, `"b 8:0"`.
     device: Option<String>,
     /// A glob over device nodes, resolved with stat at load.
     path: Option<String>,
+    /// `true` (allow rules only): the devices the kubelet allocated to the
+    /// acting container.
+    allocated: Option<bool>,
     /// All three when absent.
     access: Option<Vec<DeviceAccess>>,
     log: Option<bool>,

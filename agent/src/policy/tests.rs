@@ -1267,7 +1267,8 @@ fn device_rules_parse_and_bad_ones_name_line_and_field() {
         DeviceTarget::Kind {
             kind: DeviceKind::NvidiaUvmTools,
             index: None,
-            uuid: None
+            uuid: None,
+            instance: None,
         }
     );
     for (devices, line, field, message) in [
@@ -1275,7 +1276,7 @@ fn device_rules_parse_and_bad_ones_name_line_and_field() {
             "    allow:\n      - { kind: nvidia-gpus }\n",
             10,
             "spec.devices.allow[0].kind",
-            "unknown device kind 'nvidia-gpus', expected nvidia-gpu, nvidiactl, nvidia-modeset, nvidia-uvm, nvidia-uvm-tools, nvidia-caps, rdma-uverbs, rdma-cm, rdma-issm, rdma-umad, drm-render or amd-kfd",
+            "unknown device kind 'nvidia-gpus', expected nvidia-gpu, nvidiactl, nvidia-modeset, nvidia-uvm, nvidia-uvm-tools, nvidia-caps, nvidia-mig, rdma-uverbs, rdma-cm, rdma-issm, rdma-umad, drm-render or amd-kfd",
         ),
         (
             "    allow:\n      - { device: \"195\" }\n",
@@ -1305,7 +1306,19 @@ fn device_rules_parse_and_bad_ones_name_line_and_field() {
             "    deny:\n      - { kind: nvidiactl, index: 1 }\n",
             10,
             "spec.devices.deny[0].index",
-            "index is only valid with kind nvidia-gpu",
+            "index is only valid with kind nvidia-gpu or nvidia-mig",
+        ),
+        (
+            "    deny:\n      - { kind: nvidia-gpu, instance: 1 }\n",
+            10,
+            "spec.devices.deny[0].instance",
+            "instance is only valid with kind nvidia-mig",
+        ),
+        (
+            "    deny:\n      - { kind: nvidia-mig, instance: 1 }\n",
+            10,
+            "spec.devices.deny[0].instance",
+            "instance needs the GPU's index (instance ids are per GPU)",
         ),
         (
             "    deny:\n      - { kind: nvidiactl, log: true }\n",

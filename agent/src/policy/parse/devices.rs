@@ -51,6 +51,7 @@ impl Cx<'_> {
                 "device",
                 "path",
                 "allocated",
+                "instance",
                 "access",
                 "log",
                 "until",
@@ -85,23 +86,51 @@ impl Cx<'_> {
                 }
             });
             let uuid = f.get("uuid").and_then(|u| self.string(u, &f.path("uuid")));
-            if let Some(kind) = kind
-                && kind != DeviceKind::NvidiaGpu
-            {
-                for (key, node) in [("index", f.get("index")), ("uuid", f.get("uuid"))] {
-                    if let Some(node) = node {
+            let instance = f.get("instance").and_then(|i| match &i.value {
+                Node::Int(v) if (0..=254).contains(v) => Some(*v as u32),
+                _ => {
+                    self.expected(i, &f.path("instance"), "a GPU instance id from 0 to 254");
+                    None
+                }
+            });
+            if let Some(kind) = kind {
+                for (key, node, valid) in [
+                    (
+                        "index",
+                        f.get("index"),
+                        &[DeviceKind::NvidiaGpu, DeviceKind::NvidiaMig][..],
+                    ),
+                    ("uuid", f.get("uuid"), &[DeviceKind::NvidiaGpu][..]),
+                    ("instance", f.get("instance"), &[DeviceKind::NvidiaMig][..]),
+                ] {
+                    if let Some(node) = node
+                        && !valid.contains(&kind)
+                    {
+                        let names: Vec<&str> = valid.iter().map(|k| k.name()).collect();
                         self.err(
                             node.referenced,
                             &f.path(key),
-                            format!("{key} is only valid with kind nvidia-gpu"),
+                            format!("{key} is only valid with kind {}", names.join(" or ")),
                         );
                     }
+                }
+                if kind == DeviceKind::NvidiaMig && instance.is_some() && index.is_none() {
+                    self.err(
+                        f.at,
+                        &f.path("instance"),
+                        "instance needs the GPU's index (instance ids are per GPU)",
+                    );
                 }
             }
             if f.get("index").is_some() && f.get("uuid").is_some() {
                 self.err(f.at, &f.path("uuid"), "give index or uuid, not both");
             }
-            kind.map(|kind| DeviceTarget::Kind { kind, index, uuid })
+            kind.map(|kind| DeviceTarget::Kind {
+                kind,
+                index,
+                uuid,
+                instance,
+            })
         } else if let Some(d) = f.get("device") {
             self.string(d, &f.path("device")).and_then(|s| {
                 parse_device_number(&s)
@@ -140,12 +169,12 @@ impl Cx<'_> {
             None
         };
         if f.get("kind").is_none() {
-            for key in ["index", "uuid"] {
+            for key in ["index", "uuid", "instance"] {
                 if let Some(node) = f.get(key) {
                     self.err(
                         node.referenced,
                         &f.path(key),
-                        format!("{key} is only valid with kind nvidia-gpu"),
+                        format!("{key} is only valid with a kind"),
                     );
                 }
             }
@@ -235,6 +264,12 @@ fn parse_device_number(s: &str) -> Result<DeviceTarget, String> {
 
 fn target_text(t: &DeviceTarget) -> String {
     match t {
+        DeviceTarget::Kind {
+            kind,
+            index: Some(i),
+            instance: Some(gi),
+            ..
+        } => format!("{} index {i} instance {gi}", kind.name()),
         DeviceTarget::Kind {
             kind,
             index: Some(i),
