@@ -640,63 +640,63 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
             used = fb;
             result = try_attach(&mut ebpf, fb, opts, &kbtf)?;
         }
-        let new_links = match result {
-            Ok(links) => links,
-            Err(reason) if spec.action == Action::Observe || opts.require_hooks => {
+        // A program with a twin enforces when either of the two attaches;
+        // the other one missing is a gap, said as such.
+        let mut attached = Vec::new();
+        let mut failed = Vec::new();
+        let mut keep =
+            |program: &'static str, result: Result<Vec<AttachedLink>, String>| match result {
+                Ok(links) => {
+                    attached.extend(links.into_iter().enumerate().map(|(n, l)| (program, n, l)))
+                }
+                Err(reason) => failed.push((program, reason)),
+            };
+        keep(used.program, result);
+        if let Some(twin) = used.twin {
+            keep(twin, try_attach(&mut ebpf, find_spec(twin)?, opts, &kbtf)?);
+        }
+        if attached.is_empty() {
+            let (program, reason) = failed.swap_remove(0);
+            if spec.action == Action::Observe || opts.require_hooks {
                 return Err(LoaderError::HookRequired {
                     action: spec.action.label(),
-                    program: used.program,
+                    program,
                     reason,
                 });
             }
-            Err(reason) => {
-                // Degraded, not down: what loaded keeps enforcing, and the
-                // gap is said once here, in /readyz and in the metrics.
-                tracing::error!(
-                    action = spec.action.label(),
-                    program = used.program,
-                    error = %reason,
-                    "{} is NOT enforced on this node: no backend loaded",
-                    spec.action.label(),
-                );
-                missing.push(MissingHook {
-                    action: spec.action.label(),
-                    program: used.program,
-                    reason,
-                    with_gaps: false,
-                });
-                continue;
-            }
-        };
-        let mut attached: Vec<_> = new_links
-            .into_iter()
-            .enumerate()
-            .map(|(n, l)| (used.program, n, l))
-            .collect();
-        if let Some(twin) = used.twin {
-            match try_attach(&mut ebpf, find_spec(twin)?, opts, &kbtf)? {
-                Ok(links) => {
-                    attached.extend(links.into_iter().enumerate().map(|(n, l)| (twin, n, l)))
-                }
-                Err(reason) => {
-                    // The program alone still enforces, but events the
-                    // kernel skips for it go undecided: said as a gap.
-                    tracing::error!(
-                        action = spec.action.label(),
-                        program = twin,
-                        error = %reason,
-                        "{} is enforced with gaps: the twin of {} did not attach",
-                        spec.action.label(),
-                        used.program,
-                    );
-                    missing.push(MissingHook {
-                        action: spec.action.label(),
-                        program: twin,
-                        reason,
-                        with_gaps: true,
-                    });
-                }
-            }
+            // Degraded, not down: what loaded keeps enforcing, and the gap
+            // is said once here, in /readyz and in the metrics.
+            tracing::error!(
+                action = spec.action.label(),
+                program,
+                error = %reason,
+                "{} is NOT enforced on this node: no backend loaded",
+                spec.action.label(),
+            );
+            missing.push(MissingHook {
+                action: spec.action.label(),
+                program,
+                reason,
+                with_gaps: false,
+            });
+            continue;
+        }
+        for (program, reason) in failed {
+            // Its twin alone still enforces, but events the kernel skips
+            // for that one go undecided.
+            tracing::error!(
+                action = spec.action.label(),
+                program,
+                error = %reason,
+                "{} is enforced with gaps: {program} did not attach beside its twin",
+                spec.action.label(),
+            );
+            missing.push(MissingHook {
+                action: spec.action.label(),
+                program,
+                reason,
+                with_gaps: true,
+            });
         }
         for (program, n, link) in attached {
             if let Some(pins) = &pins {
