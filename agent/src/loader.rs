@@ -334,6 +334,24 @@ pub enum AttachedLink {
     Raw(OwnedFd),
 }
 
+impl MissingHook {
+    /// The gap, logged once as an error.
+    fn said(action: Action, program: &'static str, reason: String, with_gaps: bool) -> Self {
+        let action = action.label();
+        if with_gaps {
+            tracing::error!(action, program, error = %reason, "{action} is enforced with gaps: {program} did not attach beside its twin");
+        } else {
+            tracing::error!(action, program, error = %reason, "{action} is NOT enforced on this node: no backend loaded");
+        }
+        Self {
+            action,
+            program,
+            reason,
+            with_gaps,
+        }
+    }
+}
+
 impl Kernel {
     /// How many links this instance pinned.
     pub fn pinned_links(&self) -> usize {
@@ -666,37 +684,13 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
             }
             // Degraded, not down: what loaded keeps enforcing, and the gap
             // is said once here, in /readyz and in the metrics.
-            tracing::error!(
-                action = spec.action.label(),
-                program,
-                error = %reason,
-                "{} is NOT enforced on this node: no backend loaded",
-                spec.action.label(),
-            );
-            missing.push(MissingHook {
-                action: spec.action.label(),
-                program,
-                reason,
-                with_gaps: false,
-            });
+            missing.push(MissingHook::said(spec.action, program, reason, false));
             continue;
         }
         for (program, reason) in failed {
             // Its twin alone still enforces, but events the kernel skips
             // for that one go undecided.
-            tracing::error!(
-                action = spec.action.label(),
-                program,
-                error = %reason,
-                "{} is enforced with gaps: {program} did not attach beside its twin",
-                spec.action.label(),
-            );
-            missing.push(MissingHook {
-                action: spec.action.label(),
-                program,
-                reason,
-                with_gaps: true,
-            });
+            missing.push(MissingHook::said(spec.action, program, reason, true));
         }
         for (program, n, link) in attached {
             if let Some(pins) = &pins {

@@ -396,6 +396,23 @@ fn metrics_move_with_real_syscalls() {
     );
 }
 
+/// A scratch directory with `bin/denied` (a copy of `true`) and `secret`,
+/// a cgroup, and a policy `name` denying that cgroup both.
+fn denying_a_binary_and_a_file(name: &str) -> (TempDir, Cgroup, String) {
+    let tmp = TempDir::new(name);
+    std::fs::create_dir_all(tmp.path("bin")).unwrap();
+    std::fs::copy("/bin/true", tmp.path("bin/denied")).unwrap();
+    std::fs::write(tmp.path("secret"), b"hunter2").unwrap();
+    let cg = Cgroup::create(name);
+    let policy = format!(
+        "{}  exec:\n    deny: [\"{}\"]\n  files:\n    - {{ path: \"{}\", access: none }}\n",
+        policy_header(name, "enforce", &cg.path),
+        tmp.str("bin/denied"),
+        tmp.str("secret"),
+    );
+    (tmp, cg, policy)
+}
+
 /// The tracepoint fallbacks run as twins, two programs per event so that
 /// one decides what the kernel skips for the other (see the eBPF crate's
 /// `twins.rs`): each denied open and exec is still killed, counted and
@@ -404,17 +421,7 @@ fn metrics_move_with_real_syscalls() {
 #[test]
 fn twin_hooks_decide_each_event_once_and_a_missing_twin_is_a_gap() {
     require_kernel!();
-    let tmp = TempDir::new("twins");
-    std::fs::create_dir_all(tmp.path("bin")).unwrap();
-    std::fs::copy("/bin/true", tmp.path("bin/denied")).unwrap();
-    std::fs::write(tmp.path("secret"), b"hunter2").unwrap();
-    let cg = Cgroup::create("twins");
-    let policy = format!(
-        "{}  exec:\n    deny: [\"{}\"]\n  files:\n    - {{ path: \"{}\", access: none }}\n",
-        policy_header("twins", "enforce", &cg.path),
-        tmp.str("bin/denied"),
-        tmp.str("secret"),
-    );
+    let (tmp, cg, policy) = denying_a_binary_and_a_file("twins");
     let (secret, denied) = (tmp.str("secret"), tmp.str("bin/denied"));
     let agent = Agent::start_with(&policy, &["--force-fallback"]);
     for action in ["open", "exec"] {
@@ -498,17 +505,7 @@ fn twin_hooks_decide_each_event_once_and_a_missing_twin_is_a_gap() {
 #[test]
 fn a_hook_without_any_backend_degrades_loudly_and_the_rest_still_enforces() {
     require_kernel!();
-    let tmp = TempDir::new("degraded");
-    std::fs::create_dir_all(tmp.path("bin")).unwrap();
-    std::fs::copy("/bin/true", tmp.path("bin/denied")).unwrap();
-    std::fs::write(tmp.path("secret"), b"hunter2").unwrap();
-    let cg = Cgroup::create("degraded");
-    let policy = format!(
-        "{}  exec:\n    deny: [\"{}\"]\n  files:\n    - {{ path: \"{}\", access: none }}\n",
-        policy_header("degraded", "enforce", &cg.path),
-        tmp.str("bin/denied"),
-        tmp.str("secret"),
-    );
+    let (tmp, cg, policy) = denying_a_binary_and_a_file("degraded");
     let refuse = [
         "--test-refuse-program",
         "open_lsm",
