@@ -1,7 +1,7 @@
 //! Portcullis kernel programs. Hooks live in `probes/` (one file per
 //! family), maps in `maps.rs`, the shared decision logic in `decision.rs`
-//! and `inode.rs`, identity lookup in `identity.rs`, the exec tracepoint's
-//! twins in `twins.rs`.
+//! and `inode.rs`, identity lookup in `identity.rs`, the tracepoint
+//! fallbacks' twins in `twins.rs`.
 #![no_std]
 #![no_main]
 // `inode::claim` needs a compare-and-swap, and the BPF target's `core` has

@@ -91,11 +91,11 @@ pub fn map_update(map: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()> {
     bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
 }
 
-/// Runs of `prog` the kernel skipped because the program was already
-/// running on that CPU (`bpf_prog_info.recursion_misses`, kernel >= 5.12;
-/// always 0 before). Tracepoint programs are guarded that way, and where
-/// the kernel runs them preemptibly (7.x) a run preempted on a CPU makes
-/// every other task's run of the same program there a skip.
+/// Runs of `prog` the kernel skipped because its recursion guard was
+/// taken on that CPU (`bpf_prog_info.recursion_misses`, kernel >= 5.12;
+/// always 0 before): for a BTF tracepoint program, the same program
+/// running there (preempted, on 7.x); for a classic tracepoint one, any
+/// kprobe or tracepoint program, or a task inside a BPF map syscall.
 pub fn prog_recursion_misses(prog: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: a plain C struct for which all zeroes is valid.
     let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };

@@ -422,8 +422,8 @@ pub(crate) struct ProgramSpec {
     fallback: Option<&'static str>,
     /// Only attached as some other program's fallback or twin.
     fallback_only: bool,
-    /// Another program attached to the same hook beside this one, so an
-    /// event the kernel skips for one is decided by the other (the eBPF
+    /// Another program attached for the same events beside this one, so
+    /// an event the kernel skips for one is decided by the other (the eBPF
     /// crate's `twins.rs`).
     twin: Option<&'static str>,
 }

@@ -1,6 +1,7 @@
 //! File opens: BPF-LSM `file_open` (open fails with EPERM) or, where BPF-LSM
 //! is unavailable, the tracepoints `syscalls/sys_exit_<open family>` and
-//! `sys_exit` (twins, see `open_tp`) with SIGKILL: the process dies before it returns to user space holding the fd.
+//! `sys_exit` (twins, see `open_tp`) with SIGKILL: the process dies before
+//! it returns to user space holding the fd.
 //! Both call `inode::decide`; files have no policy default, only rules deny.
 //!
 //! Fail open: failed kernel reads, an fd beyond the table or a missing

@@ -435,8 +435,8 @@ fn rule_changes_ignore_renumbering() {
 
 /// An `allocated` rule gives each container the devices the kubelet
 /// allocated to it, with the access it granted: containers with different
-/// devices get identities of their own, one without any gets none, and
-/// policies without such a rule still share one identity.
+/// devices get identities of their own, and one without any (or whose
+/// device node is gone) gets no device rule, only the default deny.
 #[test]
 fn allocated_device_rules_are_per_container() {
     use crate::pod::{ContainerMetadata, allocated::AllocatedDevice};
