@@ -74,8 +74,10 @@ pub fn allocated(devices: &[AllocatedDevice], root: &std::path::Path) -> Vec<(De
     let mut out: Vec<(DevNum, u32)> = devices
         .iter()
         .filter_map(|d| {
-            let path = root.join(d.host_path.trim_start_matches('/'));
-            Some((DevNum::of_node(&path)?, d.access))
+            let number = d
+                .number
+                .or_else(|| DevNum::of_node(&root.join(d.host_path.trim_start_matches('/'))))?;
+            Some((number, d.access))
         })
         .collect();
     out.sort();

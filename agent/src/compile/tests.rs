@@ -452,6 +452,7 @@ fn allocated_device_rules_are_per_container() {
                     .iter()
                     .map(|&(p, access)| AllocatedDevice {
                         host_path: p.into(),
+                        number: None,
                         access,
                     })
                     .collect(),

@@ -16,11 +16,16 @@ use std::collections::HashMap;
 use portcullis_common::{ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE};
 use serde::Deserialize;
 
+use crate::node_devices::DevNum;
+
 /// One device of a container's CRI config.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AllocatedDevice {
     /// The node on the host (what the device numbers are read from).
     pub host_path: String,
+    /// The numbers, when known without reading a node (a policy test's
+    /// workload states them).
+    pub number: Option<DevNum>,
     /// `ACCESS_*` bits from the kubelet's `permissions` (`rwm`).
     pub access: u32,
 }
@@ -58,6 +63,7 @@ pub fn from_status_info(info: &HashMap<String, String>) -> Option<Vec<AllocatedD
         .map(|d| AllocatedDevice {
             access: access(&d.permissions),
             host_path: d.host_path,
+            number: None,
         })
         .collect();
     devices.sort();
@@ -97,10 +103,12 @@ mod tests {
             Some(vec![
                 AllocatedDevice {
                     host_path: "/dev/nvidia0".into(),
+                    number: None,
                     access: ACCESS_READ | ACCESS_WRITE,
                 },
                 AllocatedDevice {
                     host_path: "/dev/nvidiactl".into(),
+                    number: None,
                     access: ACCESS_READ | ACCESS_WRITE | ACCESS_MKNOD,
                 },
             ])

@@ -105,6 +105,11 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     pub service_account: Option<String>,
     pub container: Option<String>,
+    /// What the kubelet allocated to the container, as device numbers
+    /// (`c 195:0`), each granted read, write and mknod: what `allocated`
+    /// device rules allow.
+    #[serde(default)]
+    pub allocated_devices: Vec<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -259,6 +264,15 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
         let mut bad = |field: &str, message: &str| {
             errors.push(error(path, at, format!("cases[{i}].{field}"), message));
         };
+        let allocated = c.workload.pod.iter().flat_map(|p| &p.allocated_devices);
+        for (j, d) in allocated.enumerate() {
+            if crate::evaluate::parse_device(d).is_none() {
+                bad(
+                    &format!("workload.pod.allocatedDevices[{j}]"),
+                    "expected `c MAJOR:MINOR`, `b MAJOR:MINOR` or `MAJOR:MINOR`",
+                );
+            }
+        }
         let request = match (c.exec, c.open, c.connect, c.device) {
             (None, None, None, Some(d)) => {
                 let Some((kind, major, minor)) = crate::evaluate::parse_device(&d.device) else {

@@ -24,10 +24,13 @@ use std::{
 pub use file::{Case, Expect, KIND, Request, TestFile, schema};
 pub use report::{CaseResult, Report, verdict_name};
 
+use portcullis_common::{ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE};
+
 use crate::{
     compile::{self, CgroupInfo, Compiled, Numbering, kernel_dev},
     evaluate::{self, Outcome},
-    pod::{ContainerMetadata, Lookup, PodMetadata},
+    node_devices::DevNum,
+    pod::{ContainerMetadata, Lookup, PodMetadata, allocated::AllocatedDevice},
     policy::{self, PolicyError},
 };
 
@@ -135,12 +138,31 @@ fn cgroup_of((i, case): (usize, &Case)) -> CgroupInfo {
                 id: String::new(),
                 name: name.clone(),
                 image: String::new(),
-                allocated: Vec::new(),
+                allocated: p
+                    .allocated_devices
+                    .iter()
+                    .filter_map(|d| allocated(d))
+                    .collect(),
             }),
             provisional: false,
         }));
     }
     cg
+}
+
+/// A device number a workload states as allocated (validated when the
+/// file was read).
+fn allocated(device: &str) -> Option<AllocatedDevice> {
+    let (kind, major, minor) = crate::evaluate::parse_device(device)?;
+    Some(AllocatedDevice {
+        host_path: String::new(),
+        number: Some(DevNum {
+            block: kind == portcullis_common::DEVICE_BLOCK,
+            major,
+            minor: Some(minor),
+        }),
+        access: ACCESS_READ | ACCESS_WRITE | ACCESS_MKNOD,
+    })
 }
 
 fn decide(c: &Compiled, fx: &Fixture, cgroup_id: u64, case: &Case) -> std::io::Result<Outcome> {
