@@ -1,14 +1,15 @@
 //! Loading the kernel programs and attaching each hook to the best backend
 //! this kernel offers.
 //!
-//! One table ([`PROGRAMS`]) says, for every program, which hook it is, what
-//! it attaches to, which backend it provides and what to fall back to. Exec
-//! and open prefer BPF-LSM (the syscall fails with EPERM) and fall back to a
-//! BTF tracepoint that SIGKILLs the offender where BPF-LSM is not enabled or
-//! refuses to load (this host: `BPF_PROG_LOAD` returns EPERM for LSM).
+//! One table ([`PROGRAMS`], in `programs.rs`) says, for every program,
+//! which hook it is, what it attaches to, which backend it provides, what
+//! to fall back to and which twin runs beside it; `attach.rs` loads and
+//! attaches one program. Exec and open prefer BPF-LSM (the syscall fails
+//! with EPERM) and fall back to tracepoints that SIGKILL the offender where
+//! BPF-LSM is not enabled or refuses to load (this host: `BPF_PROG_LOAD`
+//! returns EPERM for LSM).
 
 use std::{
-    fs::File,
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -16,8 +17,7 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupDevice, CgroupSockAddr, Lsm, ProgramError,
-        TracePoint,
+        ProgramError,
         links::{FdLink, PinnedLink},
     },
 };
@@ -25,10 +25,15 @@ use portcullis_common::{
     BACKEND_CGROUP_DEVICE, BACKEND_CGROUP_SOCK_ADDR, BACKEND_LSM, BACKEND_NONE,
     BACKEND_TRACEPOINT_KILL, GLOBAL_OFFSETS, MAP_DEVICE_RULES, MAP_EVENTS, MAP_EXEC_RULES,
     MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, PINNED_MAPS,
-    PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_LSM, PROG_EXEC_TP,
-    PROG_EXEC_TP_TWIN, PROG_OPEN_LSM, PROG_OPEN_TP, PROG_OPEN_TP_TWIN, PROG_SENDMSG4,
-    PROG_SENDMSG6,
 };
+
+mod attach;
+mod programs;
+
+pub(crate) use attach::load_program;
+use attach::try_attach;
+use programs::{Action, find_spec};
+pub(crate) use programs::{Hook, PROGRAMS, ProgramSpec};
 
 use crate::{
     btf::{self, BtfError},
@@ -359,214 +364,6 @@ impl Kernel {
     }
 }
 
-/// Where a program attaches.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Hook {
-    /// A cgroup sock_addr program at the cgroup root.
-    SockAddr,
-    /// A cgroup device program at the cgroup root.
-    Device,
-    /// A BPF-LSM hook.
-    Lsm(&'static str),
-    /// A BTF tracepoint.
-    BtfTracepoint(&'static str),
-    /// Classic (tracefs) tracepoints: one attachment per event of
-    /// `category`; `label` names them all.
-    Tracepoint {
-        label: &'static str,
-        category: &'static str,
-        events: &'static [&'static str],
-    },
-}
-
-impl Hook {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Self::SockAddr => "cgroup_sock_addr",
-            Self::Device => "cgroup_device",
-            Self::Lsm(h) | Self::BtfTracepoint(h) => h,
-            Self::Tracepoint { label, .. } => label,
-        }
-    }
-}
-
-/// Which [`Backends`] field a program serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Action {
-    Connect,
-    Exec,
-    Open,
-    Device,
-    /// Not enforcement (cgroup_mkdir).
-    Observe,
-}
-
-impl Action {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Connect => "connect",
-            Self::Exec => "exec",
-            Self::Open => "open",
-            Self::Device => "device",
-            Self::Observe => "observe",
-        }
-    }
-}
-
-pub(crate) struct ProgramSpec {
-    pub(crate) program: &'static str,
-    pub(crate) hook: Hook,
-    action: Action,
-    backend: Backend,
-    /// Program to use when this one cannot load or attach.
-    fallback: Option<&'static str>,
-    /// Only attached as some other program's fallback or twin.
-    fallback_only: bool,
-    /// Another program attached for the same events beside this one, so
-    /// an event the kernel skips for one is decided by the other (the eBPF
-    /// crate's `twins.rs`).
-    twin: Option<&'static str>,
-}
-
-impl ProgramSpec {
-    const fn with_twin(mut self, twin: &'static str) -> Self {
-        self.twin = Some(twin);
-        self
-    }
-}
-
-const fn spec(
-    program: &'static str,
-    hook: Hook,
-    action: Action,
-    backend: Backend,
-    fallback: Option<&'static str>,
-    fallback_only: bool,
-) -> ProgramSpec {
-    ProgramSpec {
-        program,
-        hook,
-        action,
-        backend,
-        fallback,
-        fallback_only,
-        twin: None,
-    }
-}
-
-/// Every program, its hook, the backend it provides and its fallback.
-pub(crate) const PROGRAMS: &[ProgramSpec] = &[
-    spec(
-        PROG_CONNECT4,
-        Hook::SockAddr,
-        Action::Connect,
-        Backend::CgroupSockAddr,
-        None,
-        false,
-    ),
-    spec(
-        PROG_CONNECT6,
-        Hook::SockAddr,
-        Action::Connect,
-        Backend::CgroupSockAddr,
-        None,
-        false,
-    ),
-    spec(
-        PROG_SENDMSG4,
-        Hook::SockAddr,
-        Action::Connect,
-        Backend::CgroupSockAddr,
-        None,
-        false,
-    ),
-    spec(
-        PROG_SENDMSG6,
-        Hook::SockAddr,
-        Action::Connect,
-        Backend::CgroupSockAddr,
-        None,
-        false,
-    ),
-    spec(
-        PROG_EXEC_LSM,
-        Hook::Lsm("bprm_check_security"),
-        Action::Exec,
-        Backend::Lsm,
-        Some(PROG_EXEC_TP),
-        false,
-    ),
-    spec(
-        PROG_EXEC_TP,
-        Hook::BtfTracepoint("sched_process_exec"),
-        Action::Exec,
-        Backend::TracepointKill,
-        None,
-        true,
-    )
-    .with_twin(PROG_EXEC_TP_TWIN),
-    spec(
-        PROG_EXEC_TP_TWIN,
-        Hook::BtfTracepoint("sched_process_exec"),
-        Action::Exec,
-        Backend::TracepointKill,
-        None,
-        true,
-    ),
-    spec(
-        PROG_OPEN_LSM,
-        Hook::Lsm("file_open"),
-        Action::Open,
-        Backend::Lsm,
-        Some(PROG_OPEN_TP),
-        false,
-    ),
-    spec(
-        PROG_OPEN_TP,
-        // Every x86_64 syscall that returns a new fd for a path.
-        Hook::Tracepoint {
-            label: "sys_exit_open*",
-            category: "syscalls",
-            events: &[
-                "sys_exit_open",
-                "sys_exit_creat",
-                "sys_exit_openat",
-                "sys_exit_open_by_handle_at",
-                "sys_exit_openat2",
-            ],
-        },
-        Action::Open,
-        Backend::TracepointKill,
-        None,
-        true,
-    )
-    .with_twin(PROG_OPEN_TP_TWIN),
-    spec(
-        PROG_OPEN_TP_TWIN,
-        Hook::BtfTracepoint("sys_exit"),
-        Action::Open,
-        Backend::TracepointKill,
-        None,
-        true,
-    ),
-    spec(
-        PROG_DEVICE,
-        Hook::Device,
-        Action::Device,
-        Backend::CgroupDevice,
-        None,
-        false,
-    ),
-    spec(
-        PROG_CGROUP_MKDIR,
-        Hook::BtfTracepoint("cgroup_mkdir"),
-        Action::Observe,
-        Backend::None,
-        None,
-        false,
-    ),
-];
-
 /// Parses the kernel BTF and opens the object with offsets from it and maps
 /// sized by `opts.map_sizes` (pinned under `pins` when given). No program
 /// is loaded yet.
@@ -738,13 +535,6 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
     })
 }
 
-fn find_spec(program: &'static str) -> Result<&'static ProgramSpec, LoaderError> {
-    PROGRAMS
-        .iter()
-        .find(|s| s.program == program)
-        .ok_or(LoaderError::MissingProgram { program })
-}
-
 /// A copy of the fd of every loaded program, by name (for their run
 /// statistics).
 pub fn attached_programs(kernel: &Kernel) -> Vec<(&'static str, OwnedFd)> {
@@ -767,164 +557,6 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
-}
-
-/// [`attach`], with a refusal said in one line, and the programs named in
-/// `opts.refuse_programs` refused without trying. A privilege error is
-/// passed on as it is: it means the agent lacks a capability, which is a
-/// deployment error to stop on, not a kernel limit to degrade around.
-fn try_attach(
-    ebpf: &mut Ebpf,
-    spec: &ProgramSpec,
-    opts: &LoadOptions,
-    kbtf: &Btf,
-) -> Result<Result<Vec<AttachedLink>, String>, LoaderError> {
-    if opts.refuse_programs.iter().any(|p| p == spec.program) {
-        return Ok(Err("refused by --test-refuse-program".into()));
-    }
-    match attach(ebpf, spec, opts, kbtf) {
-        Ok(link) => Ok(Ok(link)),
-        Err(e @ LoaderError::Load { .. }) if e.is_privilege() && spec.fallback.is_none() => Err(e),
-        Err(e) => Ok(Err(error_chain(&e))),
-    }
-}
-
-/// Loads (verifies) `spec`'s program without attaching it.
-pub(crate) fn load_program(
-    ebpf: &mut Ebpf,
-    spec: &ProgramSpec,
-    kbtf: &Btf,
-) -> Result<(), LoaderError> {
-    let program = spec.program;
-    let hook = spec.hook.name();
-    let prog = ebpf
-        .program_mut(program)
-        .ok_or(LoaderError::MissingProgram { program })?;
-    let wrong_type = |source| LoaderError::ProgramType {
-        program,
-        hook,
-        source,
-    };
-    let result = match spec.hook {
-        Hook::SockAddr => <&mut CgroupSockAddr>::try_from(prog)
-            .map_err(wrong_type)?
-            .load(),
-        Hook::Device => <&mut CgroupDevice>::try_from(prog)
-            .map_err(wrong_type)?
-            .load(),
-        Hook::Lsm(name) => <&mut Lsm>::try_from(prog)
-            .map_err(wrong_type)?
-            .load(name, kbtf),
-        Hook::BtfTracepoint(name) => <&mut BtfTracePoint>::try_from(prog)
-            .map_err(wrong_type)?
-            .load(name, kbtf),
-        Hook::Tracepoint { .. } => <&mut TracePoint>::try_from(prog)
-            .map_err(wrong_type)?
-            .load(),
-    };
-    result.map_err(|e| LoaderError::Load {
-        program,
-        hook,
-        refusal: Refusal::new(program, &e),
-    })
-}
-
-fn attach(
-    ebpf: &mut Ebpf,
-    spec: &ProgramSpec,
-    opts: &LoadOptions,
-    kbtf: &Btf,
-) -> Result<Vec<AttachedLink>, LoaderError> {
-    load_program(ebpf, spec, kbtf)?;
-    let program = spec.program;
-    let hook = spec.hook.name();
-    let prog = ebpf
-        .program_mut(program)
-        .ok_or(LoaderError::MissingProgram { program })?;
-    let wrong_type = |source| LoaderError::ProgramType {
-        program,
-        hook,
-        source,
-    };
-    let attach_err = |source| LoaderError::Attach {
-        program,
-        hook,
-        source,
-    };
-    match spec.hook {
-        Hook::SockAddr => {
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(wrong_type)?;
-            let cgroup = File::open(&opts.cgroup_root).map_err(|source| LoaderError::Cgroup {
-                program,
-                path: opts.cgroup_root.clone(),
-                source,
-            })?;
-            // aya attaches with bpf_link_create (kernel >= 5.7), and cgroup
-            // links always coexist with other programs (multi semantics);
-            // that syscall rejects BPF_F_ALLOW_MULTI with EINVAL, so the
-            // mode must be the default here.
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link)
-                .map(|l| vec![AttachedLink::Aya(l)])
-                .map_err(|source| LoaderError::LinkNotPinnable { program, source })
-        }
-        Hook::Device => {
-            let p: &mut CgroupDevice = prog.try_into().map_err(wrong_type)?;
-            let cgroup = File::open(&opts.cgroup_root).map_err(|source| LoaderError::Cgroup {
-                program,
-                path: opts.cgroup_root.clone(),
-                source,
-            })?;
-            let prog_fd = p.fd().map_err(attach_err)?;
-            // A link, so it coexists with the runtime's per-container device
-            // programs and the kernel ANDs their verdicts.
-            crate::bpf_sys::cgroup_link_create(
-                prog_fd.as_fd(),
-                cgroup.as_fd(),
-                crate::bpf_sys::BPF_CGROUP_DEVICE,
-            )
-            .map(|l| vec![AttachedLink::Raw(l)])
-            .map_err(|source| LoaderError::RawAttach {
-                program,
-                hook,
-                source,
-            })
-        }
-        Hook::Lsm(_) => {
-            let p: &mut Lsm = prog.try_into().map_err(wrong_type)?;
-            let id = p.attach().map_err(attach_err)?;
-            Ok(vec![AttachedLink::Aya(
-                p.take_link(id).map_err(attach_err)?.into(),
-            )])
-        }
-        Hook::BtfTracepoint(_) => {
-            let p: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
-            let id = p.attach().map_err(attach_err)?;
-            Ok(vec![AttachedLink::Aya(
-                p.take_link(id).map_err(attach_err)?.into(),
-            )])
-        }
-        Hook::Tracepoint {
-            category, events, ..
-        } => {
-            if !Path::new(TRACEFS).join("events").exists() {
-                crate::mounts::mount_pseudo_fs("tracefs", Path::new(TRACEFS));
-            }
-            let p: &mut TracePoint = prog.try_into().map_err(wrong_type)?;
-            let mut links = Vec::with_capacity(events.len());
-            for event in events {
-                let id = p.attach(category, event).map_err(attach_err)?;
-                let link = p.take_link(id).map_err(attach_err)?;
-                let link = FdLink::try_from(link)
-                    .map_err(|source| LoaderError::LinkNotPinnable { program, source })?;
-                links.push(AttachedLink::Aya(link));
-            }
-            Ok(links)
-        }
-    }
 }
 
 /// Whether `bpf` is in the active LSM list (mounting securityfs if needed).
@@ -957,25 +589,5 @@ mod tests {
             assert_eq!(Backend::from_wire(b.wire()), b);
         }
         assert_eq!(Backend::TracepointKill.as_str(), "tracepoint_kill");
-    }
-
-    #[test]
-    fn every_fallback_is_in_the_table() {
-        for s in PROGRAMS {
-            if let Some(fb) = s.fallback {
-                let f = PROGRAMS
-                    .iter()
-                    .find(|p| p.program == fb)
-                    .expect("fallback listed");
-                assert!(f.fallback_only && f.action == s.action, "{fb}");
-            }
-            if let Some(twin) = s.twin {
-                let t = find_spec(twin).expect("twin listed");
-                // Same event, not necessarily the same hook (the open twins
-                // sit behind different kernel guards).
-                assert!(t.fallback_only && t.action == s.action && t.twin.is_none());
-                assert_eq!(t.backend, s.backend, "{twin}");
-            }
-        }
     }
 }
