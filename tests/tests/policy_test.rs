@@ -374,7 +374,7 @@ fn random_policies_decide_alike_in_portcullis_test_and_in_the_kernel() {
                 let only = if access != "none" && rng.below(3) == 0 {
                     format!(
                         ", onlyFrom: [\"{}\"]",
-                        rng.pick(&[probe_exe.as_str(), bins[1].as_str()])
+                        rng.pick(&[probe_exe.as_str(), bins[1]])
                     )
                 } else {
                     String::new()
