@@ -131,6 +131,9 @@ pub struct Metrics {
     /// Actions no backend enforces (see `loader::MissingHook`): `/readyz`
     /// answers 503 naming them while this is not empty.
     degraded: Mutex<Vec<String>>,
+    /// Twins missing beside their sibling (see `loader::MissingHook`).
+    gaps: Mutex<Vec<String>>,
+    twin_missing: Family<ProgramLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -168,6 +171,8 @@ impl Metrics {
             last_reader: Mutex::new([0; 2]),
             ready: AtomicBool::new(false),
             degraded: Mutex::new(Vec::new()),
+            gaps: Mutex::new(Vec::new()),
+            twin_missing: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -189,6 +194,11 @@ impl Metrics {
             "hook_runs_skipped",
             "Runs of a program the kernel skipped because that program was already running on the CPU (bpf_prog_info.recursion_misses)",
             m.runs_skipped.clone(),
+        );
+        registry.register(
+            "hook_twin_missing",
+            "1 for a twin program that did not attach: its sibling enforces alone, and events the kernel skips for that one go undecided",
+            m.twin_missing.clone(),
         );
         registry.register(
             "unclassified_lookups",
@@ -305,33 +315,59 @@ impl Metrics {
         }
     }
 
-    /// Records the actions left unenforced (degraded mode).
+    /// Records the actions left unenforced (degraded mode) and the twins
+    /// missing beside their sibling (gaps).
     pub fn set_missing(&self, missing: &[crate::loader::MissingHook]) {
-        *self.degraded.lock().unwrap_or_else(|e| e.into_inner()) = missing
-            .iter()
-            .map(|m| {
-                let what = if m.with_gaps {
-                    "enforced with gaps"
-                } else {
-                    "not enforced"
-                };
-                format!("{} {what} ({}: {})", m.action, m.program, m.reason)
-            })
-            .collect();
+        let said = |gaps: bool| -> Vec<String> {
+            missing
+                .iter()
+                .filter(|m| m.with_gaps == gaps)
+                .map(|m| {
+                    let what = if gaps {
+                        "enforced with gaps"
+                    } else {
+                        "not enforced"
+                    };
+                    format!("{} {what} ({}: {})", m.action, m.program, m.reason)
+                })
+                .collect()
+        };
+        *self.degraded.lock().unwrap_or_else(|e| e.into_inner()) = said(false);
+        *self.gaps.lock().unwrap_or_else(|e| e.into_inner()) = said(true);
+        for m in missing.iter().filter(|m| m.with_gaps) {
+            self.twin_missing
+                .get_or_create(&ProgramLabels { program: m.program })
+                .set(1);
+        }
     }
 
     /// `/readyz`: status line and body. Degraded (an action unenforced) is
     /// 503 too, so a DaemonSet pod shows as not ready, with the body naming
-    /// what is missing; it is said only once the policy is in force.
+    /// what is missing; it is said only once the policy is in force. A gap
+    /// (a twin missing, its sibling enforcing) is said but ready: that is
+    /// every Debian node without BPF-LSM whose agent lacks CAP_SYS_ADMIN
+    /// (see the README's "Twin programs").
     fn readiness(&self) -> (u16, String) {
         if !self.ready.load(Relaxed) {
             return (503, "not ready\n".into());
         }
         let degraded = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
-        if degraded.is_empty() {
-            (200, "ready\n".into())
-        } else {
-            (503, format!("degraded: {}\n", degraded.join("; ")))
+        let gaps = self.gaps.lock().unwrap_or_else(|e| e.into_inner());
+        match (degraded.is_empty(), gaps.is_empty()) {
+            (true, true) => (200, "ready\n".into()),
+            (true, false) => (200, format!("ready; {}\n", gaps.join("; "))),
+            (false, _) => (
+                503,
+                format!(
+                    "degraded: {}\n",
+                    degraded
+                        .iter()
+                        .chain(gaps.iter())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            ),
         }
     }
 

@@ -479,13 +479,23 @@ fn twin_hooks_decide_each_event_once_and_a_missing_twin_is_a_gap() {
     // classic tracepoints, for one), and says the gap.
     for refused in ["open_tp_twin", "open_tp"] {
         let refuse = ["--force-fallback", "--test-refuse-program", refused];
-        let agent = Agent::start_until(&policy, &refuse, "a degraded /readyz", |code, body| {
-            code == 503 && body.starts_with("degraded:")
-        });
+        // Ready (the action is enforced), and the gap said.
+        let agent = Agent::start_until(
+            &policy,
+            &refuse,
+            "a ready /readyz saying the gap",
+            |code, body| code == 200 && body.contains("gaps"),
+        );
         let (_, body) = agent.http("/readyz").unwrap();
         assert!(
             body.contains(&format!("open enforced with gaps ({refused}: ")),
             "{body}"
+        );
+        assert_eq!(
+            agent.metric(&format!(
+                r#"portcullis_hook_twin_missing{{program="{refused}"}}"#
+            )),
+            1.0
         );
         assert_eq!(agent.backend("open"), "tracepoint_kill");
         assert!(
