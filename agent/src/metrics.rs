@@ -192,7 +192,7 @@ impl Metrics {
         );
         registry.register(
             "hook_runs_skipped",
-            "Runs of a program the kernel skipped because that program was already running on the CPU (bpf_prog_info.recursion_misses)",
+            "Runs of a program the kernel skipped because its recursion guard was taken on the CPU (bpf_prog_info.recursion_misses)",
             m.runs_skipped.clone(),
         );
         registry.register(

@@ -254,6 +254,7 @@ fn policies_directory_loads_top_level_files_only() {
         [
             "portcullis-default",
             "gpu-inference",
+            "inference-gpus",
             "inference-serving",
             "triton-pods",
             "triton-server-no-debuggers"
