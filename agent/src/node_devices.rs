@@ -3,8 +3,8 @@
 //! `<proc>/devices` (dynamic majors: nvidia-uvm, nvidia-caps, kfd),
 //! `<proc>/misc` (rdma_cm), `<proc>/driver/nvidia/gpus/*/information`
 //! (each GPU's minor and UUID) and `<proc>/driver/nvidia-caps/mig-minors`
-//! (the capability minor of each MIG instance). `--host-proc` points it at another tree,
-//! which is how the tests stand in for a GPU node.
+//! (the capability minor of each MIG instance). `--host-proc` points it at
+//! another tree, which is how the tests stand in for a GPU node.
 
 use std::{
     collections::BTreeMap,
@@ -52,9 +52,8 @@ impl DevNum {
     }
 }
 
-/// `gpu0/gi1/access 12` or `gpu0/gi1/ci0/access 13` → ((0, 1), minor);
-/// the GPU-wide lines (`config`, `monitor`, `gpu0/gi0` parents) too, but
-/// not `config`/`monitor`, which are no instance's.
+/// `gpu0/gi1/access 12` or `gpu0/gi1/ci0/access 13` → ((0, 1), minor).
+/// `config` and `monitor` are no instance's, and give `None`.
 fn parse_mig_line(line: &str) -> Option<((u32, u32), u32)> {
     let (name, minor) = line.trim().split_once(' ')?;
     let mut parts = name.split('/');
