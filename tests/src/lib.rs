@@ -5,7 +5,7 @@
 //! `Result`), and every resource is an RAII guard.
 
 use std::{
-    io::{BufRead as _, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::TcpStream,
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
@@ -456,14 +456,18 @@ impl Agent {
 
     /// Every decision line logged so far.
     pub fn decisions(&self) -> Vec<serde_json::Value> {
-        let Ok(f) = std::fs::File::open(self.dir.join("decisions.jsonl")) else {
+        let Ok(mut f) = std::fs::File::open(self.dir.join("decisions.jsonl")) else {
             return vec![];
         };
-        std::io::BufReader::new(f)
+        let mut text = String::new();
+        f.read_to_string(&mut text).unwrap();
+        // The agent may be mid-write: a last line without its newline is not
+        // yet a line. Every complete line must parse.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
-            .map_while(Result::ok)
             .map(|l| {
-                serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad decision line {l}: {e}"))
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad decision line {l}: {e}"))
             })
             .collect()
     }
