@@ -10,6 +10,8 @@ use core::mem::size_of;
 pub mod decide;
 mod device;
 pub use device::*;
+mod socket;
+pub use socket::*;
 
 // ---------------------------------------------------------------------------
 // Map names (the names the eBPF object exports; userspace looks them up).
@@ -64,7 +66,7 @@ pub const PINNED_MAPS: [&str; 11] = [
 /// Layout version of the pinned maps: bump it whenever a key or value type
 /// above changes, so an agent never adopts maps of another layout (aya reuses
 /// a pinned map by name without comparing its definition).
-pub const PIN_LAYOUT: u32 = 5;
+pub const PIN_LAYOUT: u32 = 6;
 
 /// Read-only global (`KernelOffsets`) the agent fills from the running
 /// kernel's BTF with `EbpfLoader::override_global` before load.
@@ -113,8 +115,8 @@ pub const MAX_POLICIES_PER_IDENTITY: u32 = 32;
 pub const ACTION_EXEC: u8 = 0;
 pub const ACTION_CONNECT: u8 = 1;
 pub const ACTION_OPEN: u8 = 2;
-// ACTION_DEVICE (3) is in `device`.
-pub const ACTIONS: u32 = 4;
+// ACTION_DEVICE (3) is in `device`, ACTION_SOCKET (4) in `socket`.
+pub const ACTIONS: u32 = 5;
 
 pub const VERDICT_ALLOW: u8 = 0;
 /// Would have been denied, but only audit-mode policies said so.
@@ -177,6 +179,7 @@ pub const COUNTER_ERR_OPEN: u32 = 3;
 pub const COUNTER_UNCLASSIFIED: u32 = 4;
 pub const COUNTER_MKDIR_LOST: u32 = 5;
 pub const COUNTER_ERR_DEVICE: u32 = 6;
+pub const COUNTER_ERR_SOCKET: u32 = 7;
 pub const COUNTERS: u32 = 8;
 
 pub const NET_RULES_PER_PREFIX: usize = 16;
@@ -219,6 +222,9 @@ pub struct IdentityConfig {
     /// Like `exec_deny_*`, for device rules.
     pub dev_deny_enforce: u32,
     pub dev_deny_audit: u32,
+    /// Like `exec_deny_*`, for socket rules.
+    pub sock_deny_enforce: u32,
+    pub sock_deny_audit: u32,
     pub _pad2: u32,
     pub uid_lo: [u32; MAX_POLICIES_PER_IDENTITY as usize],
     pub uid_hi: [u32; MAX_POLICIES_PER_IDENTITY as usize],
@@ -389,7 +395,7 @@ pub struct Event {
     pub names: [[u8; EVENT_NAME_LEN]; EVENT_NAMES],
 }
 
-const _: () = assert!(size_of::<IdentityConfig>() == 40 + 9 * MAX_POLICIES_PER_IDENTITY as usize);
+const _: () = assert!(size_of::<IdentityConfig>() == 48 + 9 * MAX_POLICIES_PER_IDENTITY as usize);
 const _: () = assert!(size_of::<NetRule>() == 16);
 const _: () = assert!(size_of::<NetRuleSet>() == 8 + 16 * NET_RULES_PER_PREFIX);
 const _: () = assert!(size_of::<InodeKey>() == 16);

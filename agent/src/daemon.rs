@@ -690,6 +690,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         connect = kernel.backends.connect.as_str(),
         exec = kernel.backends.exec.as_str(),
         open = kernel.backends.open.as_str(),
+        device = kernel.backends.device.as_str(),
+        socket = kernel.backends.socket.as_str(),
         "enforcing"
     );
 

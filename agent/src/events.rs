@@ -15,9 +15,9 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
     ACCESS_EXEC, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_DEVICE,
-    ACTION_EXEC, ACTION_OPEN, DEVICE_BLOCK, EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event,
-    MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_NO_WALK_SLOT, RULE_ID_TOO_DEEP, VERDICT_ALLOW,
-    VERDICT_AUDIT,
+    ACTION_EXEC, ACTION_OPEN, ACTION_SOCKET, AF_INET6, DEVICE_BLOCK, EVENT_CGROUP_MKDIR,
+    EVENT_DECISION, EVENT_NAMES, Event, MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_NO_WALK_SLOT,
+    RULE_ID_TOO_DEEP, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -119,6 +119,15 @@ pub enum Target {
         gpu_uuid: Option<String>,
         /// `read`, `write`, `read_write` or `mknod`.
         access: &'static str,
+    },
+    Socket {
+        /// `raw`, `icmp` or `inet-other`: the kind a policy names.
+        socket: &'static str,
+        /// `inet` or `inet6`.
+        family: &'static str,
+        /// `socket()`'s type (`SOCK_RAW` = 3, ...) and protocol, as called.
+        socket_type: u32,
+        ip_protocol: u16,
     },
 }
 
@@ -343,6 +352,7 @@ fn action_name(action: u8) -> &'static str {
         ACTION_CONNECT => "connect",
         ACTION_OPEN => "open",
         ACTION_DEVICE => "device",
+        ACTION_SOCKET => "socket",
         _ => "unknown",
     }
 }
@@ -507,6 +517,17 @@ pub fn decode(
             gpu_index: class.gpu.as_ref().map(|g| g.index),
             gpu_uuid: class.gpu.and_then(|g| g.uuid),
             access: access_name(ev.access),
+        }
+    } else if ev.action == ACTION_SOCKET {
+        Target::Socket {
+            socket: crate::compile::sockets::kind_name(ev.proto),
+            family: if u32::from(ev.family) == AF_INET6 {
+                "inet6"
+            } else {
+                "inet"
+            },
+            socket_type: ev.access,
+            ip_protocol: ev.port,
         }
     } else {
         Target::Path {

@@ -22,9 +22,10 @@ use aya::{
     },
 };
 use portcullis_common::{
-    BACKEND_CGROUP_DEVICE, BACKEND_CGROUP_SOCK_ADDR, BACKEND_LSM, BACKEND_NONE,
-    BACKEND_TRACEPOINT_KILL, GLOBAL_OFFSETS, MAP_DEVICE_RULES, MAP_EVENTS, MAP_EXEC_RULES,
-    MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, PINNED_MAPS,
+    BACKEND_CGROUP_DEVICE, BACKEND_CGROUP_SOCK, BACKEND_CGROUP_SOCK_ADDR, BACKEND_LSM,
+    BACKEND_NONE, BACKEND_TRACEPOINT_KILL, GLOBAL_OFFSETS, MAP_DEVICE_RULES, MAP_EVENTS,
+    MAP_EXEC_RULES, MAP_FILE_RULES, MAP_IDENTITIES, MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM,
+    PINNED_MAPS,
 };
 
 mod attach;
@@ -243,6 +244,7 @@ pub enum Backend {
     None,
     CgroupSockAddr,
     CgroupDevice,
+    CgroupSock,
     Lsm,
     TracepointKill,
 }
@@ -253,6 +255,7 @@ impl Backend {
             Self::None => "none",
             Self::CgroupSockAddr => "cgroup_sock_addr",
             Self::CgroupDevice => "cgroup_device",
+            Self::CgroupSock => "cgroup_sock",
             Self::Lsm => "lsm",
             Self::TracepointKill => "tracepoint_kill",
         }
@@ -264,6 +267,7 @@ impl Backend {
             Self::None => BACKEND_NONE,
             Self::CgroupSockAddr => BACKEND_CGROUP_SOCK_ADDR,
             Self::CgroupDevice => BACKEND_CGROUP_DEVICE,
+            Self::CgroupSock => BACKEND_CGROUP_SOCK,
             Self::Lsm => BACKEND_LSM,
             Self::TracepointKill => BACKEND_TRACEPOINT_KILL,
         }
@@ -274,6 +278,7 @@ impl Backend {
         match v {
             BACKEND_CGROUP_SOCK_ADDR => Self::CgroupSockAddr,
             BACKEND_CGROUP_DEVICE => Self::CgroupDevice,
+            BACKEND_CGROUP_SOCK => Self::CgroupSock,
             BACKEND_LSM => Self::Lsm,
             BACKEND_TRACEPOINT_KILL => Self::TracepointKill,
             _ => Self::None,
@@ -288,6 +293,21 @@ pub struct Backends {
     pub exec: Backend,
     pub open: Backend,
     pub device: Backend,
+    pub socket: Backend,
+}
+
+impl Backends {
+    /// The field of the action labelled `action` (`Action::label`).
+    fn of(&mut self, action: &str) -> Option<&mut Backend> {
+        match action {
+            "connect" => Some(&mut self.connect),
+            "exec" => Some(&mut self.exec),
+            "open" => Some(&mut self.open),
+            "device" => Some(&mut self.device),
+            "socket" => Some(&mut self.socket),
+            _ => None,
+        }
+    }
 }
 
 /// An action the agent does not enforce on this node because none of its
@@ -426,6 +446,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         exec: Backend::None,
         open: Backend::None,
         device: Backend::None,
+        socket: Backend::None,
     };
     let mut pinned = Vec::new();
     let mut links = Vec::new();
@@ -497,12 +518,8 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
                 links.push(link);
             }
         }
-        match used.action {
-            Action::Connect => backends.connect = used.backend,
-            Action::Exec => backends.exec = used.backend,
-            Action::Open => backends.open = used.backend,
-            Action::Device => backends.device = used.backend,
-            Action::Observe => {}
+        if let Some(b) = backends.of(used.action.label()) {
+            *b = used.backend;
         }
         tracing::info!(
             program = used.program,
@@ -515,12 +532,8 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
     // One program of an action missing leaves the action unenforced (e.g.
     // connect6 without connect4 still lets IPv4 through).
     for m in missing.iter().filter(|m| !m.with_gaps) {
-        match m.action {
-            "connect" => backends.connect = Backend::None,
-            "exec" => backends.exec = Backend::None,
-            "open" => backends.open = Backend::None,
-            "device" => backends.device = Backend::None,
-            _ => {}
+        if let Some(b) = backends.of(m.action) {
+            *b = Backend::None;
         }
     }
     Ok(Kernel {

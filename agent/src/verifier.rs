@@ -11,10 +11,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{
-        BtfTracePoint, CgroupDevice, CgroupSockAddr, Lsm, LsmAttachType, ProgramError, ProgramType,
-        TracePoint,
-    },
+    programs::{LsmAttachType, ProgramError, ProgramType},
     sys::is_program_supported,
 };
 use nix::errno::Errno;
@@ -144,22 +141,8 @@ fn measure(ebpf: &mut Ebpf, spec: &ProgramSpec, kbtf: &aya::Btf) -> Result<Measu
     let prog = ebpf
         .program(spec.program)
         .ok_or_else(|| format!("program {} vanished", spec.program))?;
-    let info = match spec.hook {
-        Hook::SockAddr => <&CgroupSockAddr>::try_from(prog)
-            .map_err(|e| e.to_string())?
-            .info(),
-        Hook::Device => <&CgroupDevice>::try_from(prog)
-            .map_err(|e| e.to_string())?
-            .info(),
-        Hook::Lsm(_) => <&Lsm>::try_from(prog).map_err(|e| e.to_string())?.info(),
-        Hook::BtfTracepoint(_) => <&BtfTracePoint>::try_from(prog)
-            .map_err(|e| e.to_string())?
-            .info(),
-        Hook::Tracepoint { .. } => <&TracePoint>::try_from(prog)
-            .map_err(|e| e.to_string())?
-            .info(),
-    }
-    .map_err(|e| e.to_string())?;
+    // `Program::info` works for every program type.
+    let info = prog.info().map_err(|e| e.to_string())?;
     Ok(Measured {
         insns: info.verified_instruction_count(),
         time,

@@ -68,53 +68,68 @@ fn try_device(ctx: &DeviceContext) -> Result<u8, ()> {
     let d = if cfg.flags & HAS_DEVICES == 0 {
         allow()
     } else {
-        let mut scan = DeviceScan {
-            set: core::ptr::null(),
-            requested,
-            m: Matches::new(identity::active_policies(cfg)),
-        };
+        let mut scan = RuleScan::new(requested, Matches::new(identity::active_policies(cfg)));
         for minor in [dev.minor, DEVICE_ANY_MINOR] {
-            let key = DeviceKey {
+            scan.scan(&DeviceKey {
                 identity: id,
                 kind,
                 major: dev.major,
                 minor,
-            };
-            // SAFETY: a reference into a map value, live for the run.
-            if let Some(set) = unsafe { DEVICE_RULES.get(&key) } {
-                scan.set = set;
-                // bpf_loop, as for the network rules: the verifier checks
-                // one rule once, not every combination of matches.
-                // SAFETY: `device_rule` only touches `scan` through the
-                // pointer.
-                unsafe {
-                    bpf_loop(
-                        DEVICE_RULES_PER_KEY as u32,
-                        device_rule as *mut c_void,
-                        (&mut scan as *mut DeviceScan).cast(),
-                        0,
-                    )
-                };
-            }
+            });
         }
-        let m = scan.m;
-        m.finish(cfg.dev_deny_enforce, cfg.dev_deny_audit)
+        scan.m.finish(cfg.dev_deny_enforce, cfg.dev_deny_audit)
     };
     report(cgid, id, cfg, &d, kind, dev.major, dev.minor, requested);
     Ok(d.verdict)
 }
 
-struct DeviceScan {
+/// A request for `requested` access, matched against the rule sets stored
+/// under one or more keys (device or socket rules). The matches live in
+/// place across keys: copying them in and out per key cost the verifier
+/// half again the instructions.
+pub struct RuleScan {
     set: *const DeviceRuleSet,
     requested: u32,
-    m: Matches,
+    pub m: Matches,
+}
+
+impl RuleScan {
+    #[inline(always)]
+    pub fn new(requested: u32, m: Matches) -> Self {
+        Self {
+            set: core::ptr::null(),
+            requested,
+            m,
+        }
+    }
+
+    /// Applies the rules stored under `key`, if any.
+    #[inline(always)]
+    pub fn scan(&mut self, key: &DeviceKey) {
+        // SAFETY: a reference into a map value, live for the run.
+        let Some(set) = (unsafe { DEVICE_RULES.get(key) }) else {
+            return;
+        };
+        self.set = set;
+        // bpf_loop, as for the network rules: the verifier checks one rule
+        // once, not every combination of matches.
+        // SAFETY: `device_rule` only touches `self` through the pointer.
+        unsafe {
+            bpf_loop(
+                DEVICE_RULES_PER_KEY as u32,
+                device_rule as *mut c_void,
+                (self as *mut RuleScan).cast(),
+                0,
+            )
+        };
+    }
 }
 
 /// One rule of a `DeviceRuleSet`; returns 1 to stop the loop.
 #[inline(never)]
 extern "C" fn device_rule(i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the caller's `DeviceScan`, `set` a live map value.
-    let scan = unsafe { &mut *(ctx as *mut DeviceScan) };
+    // SAFETY: `ctx` is the caller's `RuleScan`, `set` a live map value.
+    let scan = unsafe { &mut *(ctx as *mut RuleScan) };
     let set = unsafe { &*scan.set };
     if i >= DEVICE_RULES_PER_KEY as u64 || i as u32 >= set.count {
         return 1;

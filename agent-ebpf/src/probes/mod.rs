@@ -4,3 +4,4 @@ pub mod connect;
 pub mod device;
 pub mod exec;
 pub mod file;
+pub mod socket;

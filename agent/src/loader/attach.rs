@@ -5,7 +5,7 @@ use std::{fs::File, os::fd::AsFd as _, path::Path};
 use aya::{
     Btf, Ebpf,
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupDevice, CgroupSockAddr, Lsm, TracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupDevice, CgroupSock, CgroupSockAddr, Lsm, TracePoint,
         links::FdLink,
     },
 };
@@ -56,6 +56,9 @@ pub(crate) fn load_program(
         Hook::Device => <&mut CgroupDevice>::try_from(prog)
             .map_err(wrong_type)?
             .load(),
+        Hook::SockCreate => <&mut CgroupSock>::try_from(prog)
+            .map_err(wrong_type)?
+            .load(),
         Hook::Lsm(name) => <&mut Lsm>::try_from(prog)
             .map_err(wrong_type)?
             .load(name, kbtf),
@@ -98,11 +101,7 @@ fn attach(
     match spec.hook {
         Hook::SockAddr => {
             let p: &mut CgroupSockAddr = prog.try_into().map_err(wrong_type)?;
-            let cgroup = File::open(&opts.cgroup_root).map_err(|source| LoaderError::Cgroup {
-                program,
-                path: opts.cgroup_root.clone(),
-                source,
-            })?;
+            let cgroup = open_cgroup_root(program, opts)?;
             // aya attaches with bpf_link_create (kernel >= 5.7), and cgroup
             // links always coexist with other programs (multi semantics);
             // that syscall rejects BPF_F_ALLOW_MULTI with EINVAL, so the
@@ -117,11 +116,7 @@ fn attach(
         }
         Hook::Device => {
             let p: &mut CgroupDevice = prog.try_into().map_err(wrong_type)?;
-            let cgroup = File::open(&opts.cgroup_root).map_err(|source| LoaderError::Cgroup {
-                program,
-                path: opts.cgroup_root.clone(),
-                source,
-            })?;
+            let cgroup = open_cgroup_root(program, opts)?;
             let prog_fd = p.fd().map_err(attach_err)?;
             // A link, so it coexists with the runtime's per-container device
             // programs and the kernel ANDs their verdicts.
@@ -136,6 +131,18 @@ fn attach(
                 hook,
                 source,
             })
+        }
+        Hook::SockCreate => {
+            let p: &mut CgroupSock = prog.try_into().map_err(wrong_type)?;
+            let cgroup = open_cgroup_root(program, opts)?;
+            // A link (multi semantics), as for the sock_addr programs.
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            let link = p.take_link(id).map_err(attach_err)?;
+            FdLink::try_from(link)
+                .map(|l| vec![AttachedLink::Aya(l)])
+                .map_err(|source| LoaderError::LinkNotPinnable { program, source })
         }
         Hook::Lsm(_) => {
             let p: &mut Lsm = prog.try_into().map_err(wrong_type)?;
@@ -169,4 +176,12 @@ fn attach(
             Ok(links)
         }
     }
+}
+
+fn open_cgroup_root(program: &'static str, opts: &LoadOptions) -> Result<File, LoaderError> {
+    File::open(&opts.cgroup_root).map_err(|source| LoaderError::Cgroup {
+        program,
+        path: opts.cgroup_root.clone(),
+        source,
+    })
 }

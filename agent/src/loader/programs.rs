@@ -4,7 +4,7 @@
 use portcullis_common::{
     PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_LSM, PROG_EXEC_TP,
     PROG_EXEC_TP_TWIN, PROG_OPEN_LSM, PROG_OPEN_TP, PROG_OPEN_TP_TWIN, PROG_SENDMSG4,
-    PROG_SENDMSG6,
+    PROG_SENDMSG6, PROG_SOCK_CREATE,
 };
 
 use super::{Backend, LoaderError};
@@ -16,6 +16,8 @@ pub(crate) enum Hook {
     SockAddr,
     /// A cgroup device program at the cgroup root.
     Device,
+    /// A cgroup `sock_create` program at the cgroup root.
+    SockCreate,
     /// A BPF-LSM hook.
     Lsm(&'static str),
     /// A BTF tracepoint.
@@ -34,6 +36,7 @@ impl Hook {
         match self {
             Self::SockAddr => "cgroup_sock_addr",
             Self::Device => "cgroup_device",
+            Self::SockCreate => "cgroup_sock_create",
             Self::Lsm(h) | Self::BtfTracepoint(h) => h,
             Self::Tracepoint { label, .. } => label,
         }
@@ -47,6 +50,7 @@ pub(super) enum Action {
     Exec,
     Open,
     Device,
+    Socket,
     /// Not enforcement (cgroup_mkdir).
     Observe,
 }
@@ -58,6 +62,7 @@ impl Action {
             Self::Exec => "exec",
             Self::Open => "open",
             Self::Device => "device",
+            Self::Socket => "socket",
             Self::Observe => "observe",
         }
     }
@@ -204,6 +209,14 @@ pub(crate) const PROGRAMS: &[ProgramSpec] = &[
         Hook::Device,
         Action::Device,
         Backend::CgroupDevice,
+        None,
+        false,
+    ),
+    spec(
+        PROG_SOCK_CREATE,
+        Hook::SockCreate,
+        Action::Socket,
+        Backend::CgroupSock,
         None,
         false,
     ),

@@ -1,0 +1,103 @@
+//! Socket creation: a cgroup `sock_create` program at the cgroup v2 root,
+//! asked by the kernel for every `socket()` of the IPv4 and IPv6 families
+//! by a task below it (io_uring's `IORING_OP_SOCKET` included). Returning 0
+//! fails the call with EPERM, on every kernel, LSM or not. TCP and UDP
+//! sockets pass untouched: their traffic is decided at connect and send.
+//!
+//! Fail open: a missing identity config allows and is counted in
+//! `COUNTER_ERR_SOCKET`, as the other cgroup hooks do.
+
+use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
+use portcullis_common::{
+    ACCESS_CREATE, ACTION_SOCKET, BACKEND_CGROUP_SOCK, COUNTER_ERR_SOCKET, DEVICE_CLASS_SOCKET,
+    DeviceKey, EVENT_DECISION, Event, HAS_SOCKETS, IDENTITY_UNRESTRICTED, IdentityConfig,
+    VERDICT_ALLOW, VERDICT_DENY, inet_kind,
+};
+
+use crate::{
+    decision::{Decision, Matches, allow, fill_common, fill_decision, reserve_decision},
+    identity,
+    maps::{count, count_decision, count_policy_decision},
+    probes::device::RuleScan,
+};
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    match try_sock_create(&ctx) {
+        Ok(VERDICT_DENY) => 0,
+        Ok(_) => 1,
+        Err(()) => {
+            count(COUNTER_ERR_SOCKET);
+            1
+        }
+    }
+}
+
+#[inline(always)]
+fn try_sock_create(ctx: &SockContext) -> Result<u8, ()> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let sk = unsafe { &*ctx.sock };
+    let (family, ty, protocol) = (sk.family, sk.type_, sk.protocol);
+    let Some(kind) = inet_kind(ty, protocol) else {
+        return Ok(VERDICT_ALLOW);
+    };
+    let (cgid, id) = identity::current();
+    if id == IDENTITY_UNRESTRICTED {
+        count_decision(ACTION_SOCKET, VERDICT_ALLOW);
+        return Ok(VERDICT_ALLOW);
+    }
+    let cfg = identity::config(id).ok_or(())?;
+    let d = decide(id, cfg, family, kind);
+    report(cgid, id, cfg, &d, family, ty, protocol, kind);
+    Ok(d.verdict)
+}
+
+/// The verdict of the identity's socket rules for `kind` of `family`.
+#[inline(always)]
+pub fn decide(id: u32, cfg: &IdentityConfig, family: u32, kind: u8) -> Decision {
+    if cfg.flags & HAS_SOCKETS == 0 {
+        return allow();
+    }
+    let key = DeviceKey {
+        identity: id,
+        kind: DEVICE_CLASS_SOCKET,
+        major: family,
+        minor: u32::from(kind),
+    };
+    let mut scan = RuleScan::new(ACCESS_CREATE, Matches::new(identity::active_policies(cfg)));
+    scan.scan(&key);
+    scan.m.finish(cfg.sock_deny_enforce, cfg.sock_deny_audit)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn report(
+    cgid: u64,
+    id: u32,
+    cfg: &IdentityConfig,
+    d: &Decision,
+    family: u32,
+    ty: u32,
+    protocol: u32,
+    kind: u8,
+) {
+    count_decision(ACTION_SOCKET, d.verdict);
+    count_policy_decision(cfg, ACTION_SOCKET, d.verdict, d.hit.policy_bit);
+    if !d.emits() {
+        return;
+    }
+    let Some(mut entry) = reserve_decision() else {
+        return;
+    };
+    let e: *mut Event = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved entry.
+    unsafe {
+        fill_common(e, EVENT_DECISION, id, cgid);
+        fill_decision(e, ACTION_SOCKET, BACKEND_CGROUP_SOCK, d, cfg);
+        (*e).family = family as u8;
+        (*e).proto = kind;
+        (*e).access = ty;
+        (*e).port = protocol as u16;
+    }
+    entry.submit(0);
+}
