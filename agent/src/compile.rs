@@ -60,6 +60,13 @@ pub enum CompileError {
         "more than {DEVICE_RULES_PER_KEY} rules name device {device} for the workloads of {policies}; merge them"
     )]
     TooManyDeviceRules { device: String, policies: String },
+    #[error(
+        "more than {DEVICE_RULES_PER_KEY} policies of the workloads of {policies} name socket kind {kind}; merge them"
+    )]
+    TooManySocketRules {
+        kind: &'static str,
+        policies: String,
+    },
     #[error("too many identities")]
     IdentitySpace,
     #[error("the policies changed since the generation in force was compiled")]
@@ -352,6 +359,8 @@ pub(crate) struct PolicyRules {
     /// `allocated` rules (policy bit unset): expanded per container, over
     /// its [`IdentityKey::allocated`].
     allocated: Vec<DeviceRule>,
+    /// Socket rules (policy bit unset).
+    sockets: Vec<(crate::policy::SocketKind, DeviceRule)>,
     cfg: IdentityConfig,
 }
 
@@ -404,6 +413,7 @@ impl Builder<'_> {
             files: vec![],
             devices: vec![],
             allocated: vec![],
+            sockets: vec![],
             net: vec![],
             cfg: IdentityConfig::default(),
         };
@@ -470,10 +480,13 @@ impl Builder<'_> {
             }
         }
         self.device_rules(policy, &mut pr);
+        self.socket_rules(policy, &mut pr);
         if policy.mode == Mode::Audit {
             pr.cfg.exec_deny_audit = pr.cfg.exec_deny_enforce;
             pr.cfg.net_deny_audit = pr.cfg.net_deny_enforce;
             pr.cfg.dev_deny_audit = pr.cfg.dev_deny_enforce;
+            pr.cfg.sock_deny_audit = pr.cfg.sock_deny_enforce;
+            pr.cfg.sock_deny_enforce = 0;
             pr.cfg.exec_deny_enforce = 0;
             pr.cfg.net_deny_enforce = 0;
             pr.cfg.dev_deny_enforce = 0;
@@ -720,6 +733,8 @@ fn emit_identity(
         cfg.net_deny_audit |= shift(pr.cfg.net_deny_audit);
         cfg.dev_deny_enforce |= shift(pr.cfg.dev_deny_enforce);
         cfg.dev_deny_audit |= shift(pr.cfg.dev_deny_audit);
+        cfg.sock_deny_enforce |= shift(pr.cfg.sock_deny_enforce);
+        cfg.sock_deny_audit |= shift(pr.cfg.sock_deny_audit);
         cfg.flags |= pr.cfg.flags;
         if let Some((lo, hi)) = policies[pi].selector.uid {
             cfg.uid_scoped |= 1 << bit;
@@ -780,6 +795,7 @@ fn emit_identity(
             )?;
         }
         devices::emit(out, pr, bit, identity, policies, key)?;
+        sockets::emit(out, pr, bit, identity, policies, set)?;
         for (addr, len, r) in &pr.net {
             net.entry((*len, network(*addr, *len)))
                 .or_default()
@@ -851,5 +867,6 @@ pub fn net_key(identity: u32, addr: Ipv6Addr, len: u8) -> (u32, [u8; NET_KEY_DAT
 }
 
 mod devices;
+pub mod sockets;
 #[cfg(test)]
 mod tests;

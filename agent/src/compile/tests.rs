@@ -29,6 +29,7 @@ fn policy(name: &str, cgroup: &str) -> Policy {
         egress: None,
         files: vec![],
         devices: None,
+        sockets: None,
     }
 }
 
@@ -503,4 +504,55 @@ fn allocated_device_rules_are_per_container() {
     assert!(c.devices.keys().all(|k| k.identity != id(4)));
     // The identity config still says default deny for devices.
     assert_eq!(c.identity_cfg[&id(4)].dev_deny_enforce, 1);
+}
+
+#[test]
+fn socket_rules_are_per_policy_bit_and_family() {
+    use crate::policy::{SocketKind, SocketRule, SocketRules};
+    use portcullis_common::{AF_INET, AF_INET6, DEVICE_CLASS_SOCKET, DeviceKey, HAS_SOCKETS};
+    let rule = |kind| SocketRule { kind, line: 1 };
+    let mut deny = policy("deny", "/a/**");
+    deny.sockets = Some(SocketRules {
+        default: DefaultAction::Deny,
+        // Twice in one list decides as once.
+        allow: vec![rule(SocketKind::Icmp), rule(SocketKind::Icmp)],
+        deny: vec![],
+    });
+    let mut audit = policy("audit", "/a/**");
+    audit.mode = Mode::Audit;
+    audit.sockets = Some(SocketRules {
+        default: DefaultAction::Allow,
+        allow: vec![],
+        deny: vec![rule(SocketKind::Raw)],
+    });
+    let c = compile(&[deny, audit], &cgroups(), N).unwrap();
+    let cfg = c.identity_cfg[&10];
+    assert_eq!(cfg.flags & HAS_SOCKETS, HAS_SOCKETS);
+    assert_eq!(
+        cfg.sock_deny_enforce, 0b01,
+        "only the enforcing default-deny policy"
+    );
+    assert_eq!(cfg.sock_deny_audit, 0);
+    let key = |family, kind: SocketKind| DeviceKey {
+        identity: 10,
+        kind: DEVICE_CLASS_SOCKET,
+        major: family,
+        minor: u32::from(kind.wire()),
+    };
+    for family in [AF_INET, AF_INET6] {
+        let icmp = c.devices[&key(family, SocketKind::Icmp)];
+        assert_eq!(icmp.count, 1);
+        assert_eq!(
+            (icmp.rules[0].policy_bit, icmp.rules[0].verdict),
+            (0, VERDICT_ALLOW)
+        );
+        let raw = c.devices[&key(family, SocketKind::Raw)];
+        assert_eq!(raw.count, 1);
+        assert_eq!(
+            (raw.rules[0].policy_bit, raw.rules[0].verdict),
+            (1, VERDICT_DENY)
+        );
+        assert_eq!(raw.rules[0].mode, portcullis_common::MODE_AUDIT);
+    }
+    assert!(!c.devices.contains_key(&key(AF_INET, SocketKind::InetOther)));
 }

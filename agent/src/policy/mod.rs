@@ -10,6 +10,7 @@ pub mod glob;
 pub mod labels;
 pub mod parse;
 pub mod schema;
+pub mod sockets;
 #[cfg(test)]
 mod tests;
 
@@ -18,6 +19,7 @@ use std::{net::Ipv6Addr, path::PathBuf};
 pub use devices::{DeviceKind, DeviceRule, DeviceRules, DeviceTarget};
 pub use labels::{LabelOperator, LabelRequirement, LabelSelector};
 pub use parse::{ParseCache, PolicyError, load_paths, load_paths_cached, parse_str};
+pub use sockets::{SocketKind, SocketRule, SocketRules};
 
 /// `apiVersion` every policy must carry.
 pub const API_VERSION: &str = "portcullis.dev/v1alpha1";
@@ -35,6 +37,8 @@ pub struct Policy {
     pub selector: Selector,
     pub exec: Option<ExecRules>,
     pub egress: Option<EgressRules>,
+    /// `network.sockets`, or what a `default: deny` egress implies.
+    pub sockets: Option<SocketRules>,
     pub files: Vec<FileRule>,
     pub devices: Option<DeviceRules>,
 }

@@ -89,10 +89,12 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
 
 mod devices;
+mod sockets;
 
 use super::{
     API_VERSION, DefaultAction, DeviceRules, EgressRules, ExecRules, FileAccess, FileRule, KIND,
     LabelOperator, LabelRequirement, LabelSelector, Mode, NetRule, PathRule, Policy, Selector,
+    SocketRules,
     glob::{validate_cgroup_glob, validate_path_glob, validate_unit_glob},
     labels,
 };
@@ -468,6 +470,7 @@ struct Spec {
     selector: Selector,
     exec: Option<ExecRules>,
     egress: Option<EgressRules>,
+    sockets: Option<SocketRules>,
     files: Vec<FileRule>,
     devices: Option<DeviceRules>,
 }
@@ -671,6 +674,7 @@ impl<'a> Cx<'a> {
             selector: spec.selector,
             exec: spec.exec,
             egress: spec.egress,
+            sockets: spec.sockets,
             files: spec.files,
             devices: spec.devices,
         };
@@ -721,12 +725,16 @@ impl<'a> Cx<'a> {
 
         let mut egress = None;
         let mut has_egress = false;
+        let mut sockets = Some(None);
         if let Some(net) = f.get("network")
-            && let Some(net) = self.map(net, "spec.network", Some(&["egress"]))
-            && let Some((at, e)) = net.entry("egress")
+            && let Some(net) = self.map(net, "spec.network", Some(&["egress", "sockets"]))
         {
-            has_egress = true;
-            egress = self.egress(at, e);
+            if let Some((at, e)) = net.entry("egress") {
+                has_egress = true;
+                egress = self.egress(at, e);
+            }
+            has_egress |= net.entry("sockets").is_some();
+            sockets = self.sockets(net.entry("sockets"), egress.as_ref().map(|e| e.default));
         }
 
         let mut files = Vec::new();
@@ -765,7 +773,7 @@ impl<'a> Cx<'a> {
             self.err(
                 f.at,
                 "spec",
-                "policy has no rules: give at least one of exec, network.egress, files or devices",
+                "policy has no rules: give at least one of exec, network.egress, network.sockets, files or devices",
             );
         }
         if self.errors.len() != before {
@@ -776,6 +784,7 @@ impl<'a> Cx<'a> {
             selector: selector?,
             exec,
             egress,
+            sockets: sockets?,
             files,
             devices,
         })

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 
-use super::DeviceKind;
+use super::{DeviceKind, SocketKind};
 
 /// `apiVersion` of every Portcullis document.
 #[derive(JsonSchema)]
@@ -164,6 +164,18 @@ struct Approval {
 #[schemars(deny_unknown_fields)]
 struct Network {
     egress: Option<Egress>,
+    /// Socket kinds beyond TCP and UDP; without it, an egress
+    /// `default: deny` denies them all.
+    sockets: Option<Sockets>,
+}
+
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct Sockets {
+    /// Default: the egress default.
+    default: Option<DefaultAction>,
+    allow: Option<Vec<SocketKind>>,
+    deny: Option<Vec<SocketKind>>,
 }
 
 #[derive(JsonSchema)]

@@ -184,6 +184,13 @@ fn inference_serving_example_parses_to_exact_policy() {
             },
         ],
         devices: None,
+        // Egress `default: deny` without a sockets section denies raw IP,
+        // ICMP and the other IP sockets too.
+        sockets: Some(SocketRules {
+            default: DefaultAction::Deny,
+            allow: vec![],
+            deny: vec![],
+        }),
     };
     assert_eq!(policies, vec![expected]);
 }
@@ -611,7 +618,7 @@ fn spec_and_selector_errors() {
         "  files: []\n",
         5,
         "spec",
-        "policy has no rules: give at least one of exec, network.egress, files or devices",
+        "policy has no rules: give at least one of exec, network.egress, network.sockets, files or devices",
     );
     assert_spec_error(
         "  exec: [/bin/sh]\n",
@@ -851,7 +858,7 @@ fn network_errors() {
         "  network:\n    egres:\n      default: deny\n",
         9,
         "spec.network.egres",
-        "unknown field 'egres', expected one of: egress",
+        "unknown field 'egres', expected one of: egress, sockets",
     );
     assert_spec_error(
         "  network:\n    egress:\n      default: block\n",
@@ -1345,5 +1352,52 @@ fn device_rules_parse_and_bad_ones_name_line_and_field() {
             "spec.devices.allow[0]",
             "give exactly one of kind, device, path or allocated (found kind, device)"
         )
+    );
+}
+
+#[test]
+fn sockets_follow_the_egress_default_unless_written() {
+    let net = |network: &str| parse_one(&format!("{HEAD}  network:\n{network}")).sockets;
+    let deny_all = Some(SocketRules {
+        default: DefaultAction::Deny,
+        allow: vec![],
+        deny: vec![],
+    });
+    assert_eq!(net("    egress: {default: deny}\n"), deny_all);
+    assert_eq!(net("    egress: {default: allow}\n"), None);
+    assert_eq!(
+        net("    egress: {default: deny}\n    sockets:\n      allow: [raw, icmp]\n"),
+        Some(SocketRules {
+            default: DefaultAction::Deny,
+            allow: vec![
+                SocketRule {
+                    kind: SocketKind::Raw,
+                    line: 11
+                },
+                SocketRule {
+                    kind: SocketKind::Icmp,
+                    line: 11
+                },
+            ],
+            deny: vec![],
+        })
+    );
+    // On its own, the section defaults to allow, as egress does.
+    assert_eq!(
+        net("    sockets:\n      deny: [inet-other]\n"),
+        Some(SocketRules {
+            default: DefaultAction::Allow,
+            allow: vec![],
+            deny: vec![SocketRule {
+                kind: SocketKind::InetOther,
+                line: 10
+            }],
+        })
+    );
+    assert_spec_error(
+        "  network:\n    sockets:\n      allow: [packet]\n",
+        10,
+        "spec.network.sockets.allow[0]",
+        "unknown socket kind 'packet', expected raw, icmp or inet-other",
     );
 }
