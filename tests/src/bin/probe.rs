@@ -6,7 +6,10 @@
 //! Ops: `connect IP PORT [tcp|udp]`, `sendto IP PORT`, `read PATH`,
 //! `write PATH`, `read-in DIR RELPATH` (chdir, then a relative open),
 //! `exec PATH [ARGS..]`, `mknod PATH MAJOR MINOR` (a character device
-//! node), and (with `PORTCULLIS_PROBE_UID=N` it switches to
+//! node), `raw-send IP PROTO PAYLOAD` (a raw IP socket of protocol PROTO
+//! sends PAYLOAD to IP), `ping` (in a network namespace of its own, with
+//! loopback up and ping sockets enabled, an ICMP datagram socket sends an
+//! echo request to 127.0.0.1 and reads the reply), and (with `PORTCULLIS_PROBE_UID=N` it switches to
 //! uid and gid N after joining the cgroup)
 //! `hammer SECS ALLOW_IP ALLOW_PORT DENY_IP DENY_PORT ALLOW_FILE`: for SECS
 //! seconds, loops an allowed connect, a denied connect and an allowed read,
@@ -118,6 +121,12 @@ fn main() -> ExitCode {
             .map(|()| 0)
             .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
         }
+        ("raw-send", [ip, proto, payload]) => raw_send(
+            ip.parse().expect("ip"),
+            proto.parse().expect("proto"),
+            payload.as_bytes(),
+        ),
+        ("ping", []) => ping(),
         ("read-in", [dir, rel]) => std::env::set_current_dir(dir).and_then(|()| read_all(rel)),
         ("exec", [path, argv @ ..]) => {
             let c = |s: &str| CString::new(s).expect("nul in arg");
@@ -167,4 +176,149 @@ fn hammer(secs: f64, allowed: SocketAddr, denied: SocketAddr, file: &str) {
         }
     }
     println!("{{\"rounds\":{rounds},\"violations\":{violations},\"first\":{first:?}}}");
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn check_len(rc: isize) -> std::io::Result<usize> {
+    usize::try_from(rc).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// `ip` as the `sockaddr` the raw calls take (port 0: raw and ICMP
+/// sockets have none).
+fn sockaddr(ip: std::net::IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        std::net::IpAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// One datagram through a raw IP socket: what a workload with CAP_NET_RAW
+/// sends past the connect and sendmsg hooks.
+fn raw_send(ip: std::net::IpAddr, proto: i32, payload: &[u8]) -> std::io::Result<usize> {
+    let family = if ip.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscalls on a descriptor this function owns.
+    unsafe {
+        let fd = check(libc::socket(family, libc::SOCK_RAW, proto))?;
+        let (sa, len) = sockaddr(ip);
+        let sent = check_len(libc::sendto(
+            fd,
+            payload.as_ptr().cast(),
+            payload.len(),
+            0,
+            (&raw const sa).cast(),
+            len,
+        ));
+        libc::close(fd);
+        sent
+    }
+}
+
+/// An ICMP echo round trip through a ping socket, in a network namespace of
+/// the probe's own so that enabling ping sockets and raising loopback touch
+/// nothing of the host's. The cgroup, and so the identity, stay the same.
+fn ping() -> std::io::Result<usize> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+    std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")?;
+    loopback_up()?;
+    // An echo request: type 8, code 0; the kernel fills the id and checksum.
+    let request = [8u8, 0, 0, 0, 0, 0, 0, 1, b'p', b'c'];
+    // SAFETY: plain syscalls on a descriptor this function owns.
+    unsafe {
+        let fd = check(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM,
+            libc::IPPROTO_ICMP,
+        ))?;
+        let timeout = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        check(libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        ))?;
+        let (sa, len) = sockaddr(std::net::Ipv4Addr::LOCALHOST.into());
+        let result = check_len(libc::sendto(
+            fd,
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            (&raw const sa).cast(),
+            len,
+        ))
+        .and_then(|_| {
+            let mut reply = [0u8; 64];
+            let n = check_len(libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0))?;
+            // Type 0: an echo reply came back.
+            if n > 0 && reply[0] == 0 {
+                Ok(n)
+            } else {
+                Err(std::io::Error::other("no echo reply"))
+            }
+        });
+        libc::close(fd);
+        result
+    }
+}
+
+/// `ip link set lo up`, without the tool (the VM guests have busybox).
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: all-zero is a valid ifreq; plain ioctls on a descriptor this
+    // function owns (a UDP socket, which no socket rule governs).
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
+            *dst = *src as libc::c_char;
+        }
+        let fd = check(libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0))?;
+        let result = check(libc::ioctl(fd, libc::SIOCGIFFLAGS, &raw mut req)).and_then(|_| {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            check(libc::ioctl(fd, libc::SIOCSIFFLAGS, &raw mut req))
+        });
+        libc::close(fd);
+        result.map(|_| ())
+    }
 }

@@ -1,0 +1,142 @@
+//! The red-team suite: a root attacker inside a governed cgroup tries the
+//! routes around the policy that the README's "Threat model" lists, each
+//! with a real packet and a real listener, and must be refused (or, where
+//! the README says the kernel cannot refuse it, recorded).
+
+use std::time::Duration;
+
+use portcullis_tests::{Agent, Cgroup, EPERM, Outcome, policy_header, probe, require_kernel};
+
+/// An experimental IP protocol number (RFC 3692): nothing else on the host
+/// speaks it, so what the listener hears came from the probe.
+const PROTO: &str = "253";
+
+/// A raw IPv4 listener for protocol 253 on loopback, in this (ungoverned)
+/// test process.
+struct RawListener(std::os::fd::OwnedFd);
+
+impl RawListener {
+    fn new() -> Self {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain syscalls; the descriptor is owned from here on.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, 253);
+            assert!(fd >= 0, "raw listener: {}", std::io::Error::last_os_error());
+            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            let rc = libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0);
+            Self(fd)
+        }
+    }
+
+    /// Whether a packet carrying `payload` arrives within `wait`.
+    fn heard(&self, payload: &str, wait: Duration) -> bool {
+        let end = std::time::Instant::now() + wait;
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < end {
+            // SAFETY: `buf` outlives the call.
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
+            };
+            if let Ok(n) = usize::try_from(n)
+                && buf[..n]
+                    .windows(payload.len())
+                    .any(|w| w == payload.as_bytes())
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn network_policy(cg: &Cgroup, network: &str) -> String {
+    format!(
+        "{}  network:\n    egress:\n      default: deny\n{network}",
+        policy_header("redteam", "enforce", &cg.path)
+    )
+}
+
+#[test]
+fn default_deny_egress_refuses_raw_and_icmp_sockets_until_allowed_by_name() {
+    require_kernel!();
+    let listener = RawListener::new();
+    let cg = Cgroup::create("redteam-raw");
+    let bystander = Cgroup::create("redteam-raw-bystander");
+    let nonce = portcullis_tests::unique("raw");
+    let mut agent = Agent::start(&network_policy(&cg, ""));
+
+    // A raw IP socket sends past connect4/sendmsg4, so creating one fails.
+    let denied = format!("{nonce}-denied");
+    assert_eq!(
+        probe(&cg, &["raw-send", "127.0.0.1", PROTO, &denied]),
+        Outcome::Errno(EPERM)
+    );
+    assert_eq!(
+        probe(&cg, &["raw-send", "::1", PROTO, &denied]),
+        Outcome::Errno(EPERM)
+    );
+    // An ICMP echo socket too.
+    assert_eq!(probe(&cg, &["ping"]), Outcome::Errno(EPERM));
+    // The neighbour's policy is not this one: its packet and echo get through.
+    let neighbour = format!("{nonce}-neighbour");
+    assert!(matches!(
+        probe(&bystander, &["raw-send", "127.0.0.1", PROTO, &neighbour]),
+        Outcome::Ok(_)
+    ));
+    assert!(listener.heard(&neighbour, Duration::from_secs(2)));
+    assert!(matches!(probe(&bystander, &["ping"]), Outcome::Ok(_)));
+    assert!(!listener.heard(&denied, Duration::from_millis(300)));
+
+    let d = agent.wait_decision("raw socket deny line", |d| {
+        d["action"] == "socket" && d["target"]["socket"] == "raw"
+    });
+    assert_eq!(d["verdict"], "deny");
+    assert_eq!(d["rule"], "default");
+    assert_eq!(d["backend"], "cgroup_sock");
+    assert_eq!(d["target"]["socket_type"], libc::SOCK_RAW);
+    assert_eq!(d["target"]["ip_protocol"], 253);
+    assert_eq!(d["workload"]["cgroup"], cg.path.as_str());
+    let d = agent.wait_decision("ICMP socket deny line", |d| {
+        d["action"] == "socket" && d["target"]["socket"] == "icmp"
+    });
+    assert_eq!(d["target"]["family"], "inet");
+    assert!(
+        agent.metric(
+            r#"portcullis_decisions_total{action="socket",verdict="deny",policy="redteam"}"#
+        ) >= 3.0
+    );
+
+    // Allowed by name, the raw packet reaches the listener; ICMP, not named,
+    // stays refused.
+    assert!(agent.reload(&network_policy(&cg, "    sockets:\n      allow: [raw]\n")));
+    let allowed = format!("{nonce}-allowed");
+    assert!(matches!(
+        probe(&cg, &["raw-send", "127.0.0.1", PROTO, &allowed]),
+        Outcome::Ok(_)
+    ));
+    assert!(listener.heard(&allowed, Duration::from_secs(2)));
+    assert_eq!(probe(&cg, &["ping"]), Outcome::Errno(EPERM));
+
+    // Egress allowing everything allows every socket kind.
+    assert!(agent.reload(&format!(
+        "{}  network:\n    egress:\n      default: allow\n",
+        policy_header("redteam", "enforce", &cg.path)
+    )));
+    assert!(matches!(probe(&cg, &["ping"]), Outcome::Ok(_)));
+}
