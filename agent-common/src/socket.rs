@@ -1,8 +1,9 @@
 //! Socket rules: which kinds of socket a workload may create besides the
 //! TCP and UDP sockets whose traffic the egress rules govern. A raw IP
-//! socket, an ICMP datagram ("ping") socket or a packet socket sends what
-//! it likes past `connect4`/`sendmsg4`, so a policy whose egress is
-//! `default: deny` refuses them unless it allows them by name.
+//! socket or an ICMP datagram ("ping") socket sends what it likes past
+//! `connect4`/`sendmsg4`, so a policy whose egress is `default: deny`
+//! refuses them unless it allows them by name. (Packet sockets do the same
+//! but are made outside the inet families `sock_create` sees.)
 //!
 //! The rules live in the device rule map under [`DEVICE_CLASS_SOCKET`]:
 //! (identity, socket class, family, kind) → up to 8 rules. The layout and

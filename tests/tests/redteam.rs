@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use portcullis_tests::{Agent, Cgroup, EPERM, Outcome, policy_header, probe, require_kernel};
+use portcullis_tests::{
+    Agent, Cgroup, EPERM, Listener, Outcome, policy_header, probe, require_kernel,
+};
 
 /// An experimental IP protocol number (RFC 3692): nothing else on the host
 /// speaks it, so what the listener hears came from the probe.
@@ -139,4 +141,47 @@ fn default_deny_egress_refuses_raw_and_icmp_sockets_until_allowed_by_name() {
         policy_header("redteam", "enforce", &cg.path)
     )));
     assert!(matches!(probe(&cg, &["ping"]), Outcome::Ok(_)));
+}
+
+#[test]
+fn io_uring_sockets_and_connects_get_the_answers_of_their_syscalls() {
+    require_kernel!();
+    let allowed = Listener::new("127.0.0.1");
+    let denied = Listener::new("127.0.0.1");
+    let cg = Cgroup::create("redteam-uring-net");
+    let bystander = Cgroup::create("redteam-uring-net-bystander");
+    let allow = format!(
+        "      allow:\n        - {{cidr: 127.0.0.1/32, ports: [\"{}\"], protocol: tcp}}\n",
+        allowed.port
+    );
+    let mut agent = Agent::start(&network_policy(&cg, &allow));
+    let (ok, no) = (allowed.port.to_string(), denied.port.to_string());
+
+    // io_uring makes the socket and the connect in the kernel, on behalf
+    // of the task: the same cgroup hooks decide them.
+    assert_eq!(probe(&cg, &["uring-socket", "raw"]), Outcome::Errno(EPERM));
+    assert_eq!(probe(&cg, &["uring-socket", "raw6"]), Outcome::Errno(EPERM));
+    assert_eq!(
+        probe(&cg, &["uring-connect", "127.0.0.1", &no]),
+        Outcome::Errno(EPERM)
+    );
+    assert_eq!(
+        probe(&cg, &["uring-connect", "127.0.0.1", &ok]),
+        Outcome::Ok(0)
+    );
+    assert_eq!(probe(&cg, &["uring-socket", "tcp"]), Outcome::Ok(0));
+    assert_eq!(probe(&bystander, &["uring-socket", "raw"]), Outcome::Ok(0));
+    assert_eq!(
+        probe(&bystander, &["uring-connect", "127.0.0.1", &no]),
+        Outcome::Ok(0)
+    );
+
+    let d = agent.wait_decision("io_uring connect deny line", |d| {
+        d["action"] == "connect" && d["target"]["port"] == denied.port
+    });
+    assert_eq!(d["verdict"], "deny");
+    assert_eq!(d["workload"]["cgroup"], cg.path.as_str());
+    agent.wait_decision("io_uring raw socket deny line", |d| {
+        d["action"] == "socket" && d["target"]["family"] == "inet6"
+    });
 }

@@ -9,12 +9,16 @@
 //! node), `raw-send IP PROTO PAYLOAD` (a raw IP socket of protocol PROTO
 //! sends PAYLOAD to IP), `ping` (in a network namespace of its own, with
 //! loopback up and ping sockets enabled, an ICMP datagram socket sends an
-//! echo request to 127.0.0.1 and reads the reply), and (with `PORTCULLIS_PROBE_UID=N` it switches to
+//! echo request to 127.0.0.1 and reads the reply), `uring-open PATH`,
+//! `uring-socket raw|raw6|icmp|tcp` and `uring-connect IP PORT` (the same
+//! calls through io_uring, see `uring.rs`), and (with `PORTCULLIS_PROBE_UID=N` it switches to
 //! uid and gid N after joining the cgroup)
 //! `hammer SECS ALLOW_IP ALLOW_PORT DENY_IP DENY_PORT ALLOW_FILE`: for SECS
 //! seconds, loops an allowed connect, a denied connect and an allowed read,
 //! and prints `{"rounds":N,"violations":V,"first":"..."}` (V counts allowed
 //! calls that failed and denied calls that did not get EPERM).
+
+mod uring;
 
 use std::{
     ffi::CString,
@@ -127,6 +131,17 @@ fn main() -> ExitCode {
             payload.as_bytes(),
         ),
         ("ping", []) => ping(),
+        ("uring-open", [path]) => uring::open(path),
+        ("uring-socket", [kind]) => {
+            let (domain, ty, protocol) = match kind.as_str() {
+                "raw" => (libc::AF_INET, libc::SOCK_RAW, 253),
+                "raw6" => (libc::AF_INET6, libc::SOCK_RAW, 253),
+                "icmp" => (libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
+                _ => (libc::AF_INET, libc::SOCK_STREAM, 0),
+            };
+            uring::socket(domain, ty, protocol)
+        }
+        ("uring-connect", [ip, port]) => uring::connect(addr(ip, port)),
         ("read-in", [dir, rel]) => std::env::set_current_dir(dir).and_then(|()| read_all(rel)),
         ("exec", [path, argv @ ..]) => {
             let c = |s: &str| CString::new(s).expect("nul in arg");
@@ -192,14 +207,15 @@ fn check_len(rc: isize) -> std::io::Result<usize> {
 
 /// `ip` as the `sockaddr` the raw calls take (port 0: raw and ICMP
 /// sockets have none).
-fn sockaddr(ip: std::net::IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+fn sockaddr(to: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match ip {
+    let port = to.port().to_be();
+    let len = match to.ip() {
         std::net::IpAddr::V4(v4) => {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
+                sin_port: port,
                 sin_addr: libc::in_addr {
                     s_addr: u32::from_ne_bytes(v4.octets()),
                 },
@@ -212,7 +228,7 @@ fn sockaddr(ip: std::net::IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         std::net::IpAddr::V6(v6) => {
             let sin6 = libc::sockaddr_in6 {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: 0,
+                sin6_port: port,
                 sin6_flowinfo: 0,
                 sin6_addr: libc::in6_addr {
                     s6_addr: v6.octets(),
@@ -238,7 +254,7 @@ fn raw_send(ip: std::net::IpAddr, proto: i32, payload: &[u8]) -> std::io::Result
     // SAFETY: plain syscalls on a descriptor this function owns.
     unsafe {
         let fd = check(libc::socket(family, libc::SOCK_RAW, proto))?;
-        let (sa, len) = sockaddr(ip);
+        let (sa, len) = sockaddr(SocketAddr::new(ip, 0));
         let sent = check_len(libc::sendto(
             fd,
             payload.as_ptr().cast(),
@@ -280,7 +296,7 @@ fn ping() -> std::io::Result<usize> {
             (&raw const timeout).cast(),
             size_of::<libc::timeval>() as libc::socklen_t,
         ))?;
-        let (sa, len) = sockaddr(std::net::Ipv4Addr::LOCALHOST.into());
+        let (sa, len) = sockaddr(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 0));
         let result = check_len(libc::sendto(
             fd,
             request.as_ptr().cast(),
