@@ -170,6 +170,9 @@ pub const RULE_ID_TOO_DEEP: u32 = u32::MAX;
 /// `rule_id` of a deny no rule made: every walk slot of this CPU was held
 /// by a walk preempted mid-way (see the kernel's `inode::claim`).
 pub const RULE_ID_NO_WALK_SLOT: u32 = u32::MAX - 1;
+/// `rule_id` of the tracepoint fallback's `io_uring_setup` refusal: the
+/// ring would open files the fallback never sees (`IdentityConfig.ring_*`).
+pub const RULE_ID_IO_URING: u32 = u32::MAX - 2;
 
 pub const COUNTER_LOST_EVENTS: u32 = 0;
 pub const COUNTER_ERR_CONNECT: u32 = 1;
@@ -225,6 +228,11 @@ pub struct IdentityConfig {
     /// Like `exec_deny_*`, for socket rules.
     pub sock_deny_enforce: u32,
     pub sock_deny_audit: u32,
+    /// Bit `i` set when the identity's `i`-th policy has file rules, in
+    /// enforce (`_enforce`) or audit mode: on the tracepoint fallback, which
+    /// cannot see io_uring's opens, those policies refuse `io_uring_setup`.
+    pub ring_deny_enforce: u32,
+    pub ring_deny_audit: u32,
     pub _pad2: u32,
     pub uid_lo: [u32; MAX_POLICIES_PER_IDENTITY as usize],
     pub uid_hi: [u32; MAX_POLICIES_PER_IDENTITY as usize],
@@ -395,7 +403,7 @@ pub struct Event {
     pub names: [[u8; EVENT_NAME_LEN]; EVENT_NAMES],
 }
 
-const _: () = assert!(size_of::<IdentityConfig>() == 48 + 9 * MAX_POLICIES_PER_IDENTITY as usize);
+const _: () = assert!(size_of::<IdentityConfig>() == 56 + 9 * MAX_POLICIES_PER_IDENTITY as usize);
 const _: () = assert!(size_of::<NetRule>() == 16);
 const _: () = assert!(size_of::<NetRuleSet>() == 8 + 16 * NET_RULES_PER_PREFIX);
 const _: () = assert!(size_of::<InodeKey>() == 16);

@@ -453,6 +453,7 @@ impl Builder<'_> {
                 }
             }
         }
+        pr.cfg.ring_deny_enforce = u32::from(!policy.files.is_empty());
         for (i, f) in policy.files.iter().enumerate() {
             pr.cfg.flags |= HAS_FILES;
             let id = self.rule(policy, format!("files[{i}] {}", f.path.pattern));
@@ -486,7 +487,9 @@ impl Builder<'_> {
             pr.cfg.net_deny_audit = pr.cfg.net_deny_enforce;
             pr.cfg.dev_deny_audit = pr.cfg.dev_deny_enforce;
             pr.cfg.sock_deny_audit = pr.cfg.sock_deny_enforce;
+            pr.cfg.ring_deny_audit = pr.cfg.ring_deny_enforce;
             pr.cfg.sock_deny_enforce = 0;
+            pr.cfg.ring_deny_enforce = 0;
             pr.cfg.exec_deny_enforce = 0;
             pr.cfg.net_deny_enforce = 0;
             pr.cfg.dev_deny_enforce = 0;
@@ -735,6 +738,8 @@ fn emit_identity(
         cfg.dev_deny_audit |= shift(pr.cfg.dev_deny_audit);
         cfg.sock_deny_enforce |= shift(pr.cfg.sock_deny_enforce);
         cfg.sock_deny_audit |= shift(pr.cfg.sock_deny_audit);
+        cfg.ring_deny_enforce |= shift(pr.cfg.ring_deny_enforce);
+        cfg.ring_deny_audit |= shift(pr.cfg.ring_deny_audit);
         cfg.flags |= pr.cfg.flags;
         if let Some((lo, hi)) = policies[pi].selector.uid {
             cfg.uid_scoped |= 1 << bit;

@@ -16,8 +16,8 @@ use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
     ACCESS_EXEC, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_DEVICE,
     ACTION_EXEC, ACTION_OPEN, ACTION_SOCKET, AF_INET6, DEVICE_BLOCK, EVENT_CGROUP_MKDIR,
-    EVENT_DECISION, EVENT_NAMES, Event, MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_NO_WALK_SLOT,
-    RULE_ID_TOO_DEEP, VERDICT_ALLOW, VERDICT_AUDIT,
+    EVENT_DECISION, EVENT_NAMES, Event, MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_IO_URING,
+    RULE_ID_NO_WALK_SLOT, RULE_ID_TOO_DEEP, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -460,6 +460,10 @@ pub fn name_hit(
         .unwrap_or_default();
     let rule = if let Some(why) = unnamed {
         why
+    } else if rule_id == RULE_ID_IO_URING {
+        // The policy's file rules refused it; no one rule did.
+        "files: io_uring_setup refused (the tracepoint fallback cannot see io_uring opens)"
+            .to_owned()
     } else if rule_id == RULE_ID_DEFAULT {
         "default".to_owned()
     } else {
@@ -528,6 +532,13 @@ pub fn decode(
             },
             socket_type: ev.access,
             ip_protocol: ev.port,
+        }
+    } else if ev.rule_id == RULE_ID_IO_URING {
+        Target::Path {
+            path: "anon_inode:[io_uring]".to_owned(),
+            access: access_name(ev.access),
+            dev: 0,
+            ino: 0,
         }
     } else {
         Target::Path {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use portcullis_tests::{
-    Agent, Cgroup, EPERM, Listener, Outcome, policy_header, probe, require_kernel,
+    Agent, Cgroup, EPERM, Listener, Outcome, TempDir, policy_header, probe, require_kernel,
 };
 
 /// An experimental IP protocol number (RFC 3692): nothing else on the host
@@ -184,4 +184,58 @@ fn io_uring_sockets_and_connects_get_the_answers_of_their_syscalls() {
     agent.wait_decision("io_uring raw socket deny line", |d| {
         d["action"] == "socket" && d["target"]["family"] == "inet6"
     });
+}
+
+fn file_policy(cg: &Cgroup, mode: &str, secret: &str) -> String {
+    format!(
+        "{}  files:\n    - {{ path: \"{secret}\", access: none }}\n",
+        policy_header("redteam-files", mode, &cg.path)
+    )
+}
+
+#[test]
+fn io_uring_opens_are_refused_under_file_rules_on_either_backend() {
+    require_kernel!();
+    let tmp = TempDir::new("redteam-uring-open");
+    std::fs::write(tmp.path("secret"), "s").unwrap();
+    std::fs::write(tmp.path("public"), "p").unwrap();
+    let (secret, public) = (tmp.str("secret"), tmp.str("public"));
+    let cg = Cgroup::create("redteam-uring-open");
+    let bystander = Cgroup::create("redteam-uring-open-bystander");
+    let mut agent = Agent::start(&file_policy(&cg, "enforce", &secret));
+
+    assert_eq!(probe(&bystander, &["uring-open", &secret]), Outcome::Ok(0));
+    if agent.backend("open") == "lsm" {
+        // `file_open` sees the ring's open as it sees open(2).
+        assert_eq!(probe(&cg, &["uring-open", &secret]), Outcome::Errno(EPERM));
+        assert_eq!(probe(&cg, &["uring-open", &public]), Outcome::Ok(0));
+    } else {
+        // The fallback never sees a ring's open: no ring for this identity.
+        assert_eq!(
+            probe(&cg, &["uring-open", &public]),
+            Outcome::Killed(libc::SIGKILL)
+        );
+        let d = agent.wait_decision("io_uring_setup deny line", |d| {
+            d["action"] == "open" && d["target"]["path"] == "anon_inode:[io_uring]"
+        });
+        assert_eq!(d["verdict"], "deny");
+        assert_eq!(d["policy"], "redteam-files");
+        assert_eq!(d["backend"], "tracepoint_kill");
+        assert!(d["rule"].as_str().unwrap().contains("io_uring_setup"));
+        assert_eq!(d["workload"]["cgroup"], cg.path.as_str());
+
+        // In audit mode the ring is made, and the line says it would not be.
+        assert!(agent.reload(&file_policy(&cg, "audit", &secret)));
+        assert_eq!(probe(&cg, &["uring-open", &secret]), Outcome::Ok(0));
+        agent.wait_decision("io_uring_setup audit line", |d| {
+            d["verdict"] == "audit" && d["target"]["path"] == "anon_inode:[io_uring]"
+        });
+    }
+
+    // Without file rules the identity's rings are its own business.
+    assert!(agent.reload(&network_policy(
+        &cg,
+        "      allow:\n        - {cidr: 0.0.0.0/0}\n"
+    )));
+    assert_eq!(probe(&cg, &["uring-open", &secret]), Outcome::Ok(0));
 }
