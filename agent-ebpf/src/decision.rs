@@ -10,9 +10,11 @@ use aya_ebpf::{
     maps::ring_buf::RingBufEntry,
 };
 pub use portcullis_common::decide::{Decision, Matches, allow, fail_closed};
-use portcullis_common::{COUNTER_LOST_EVENTS, Event, IdentityConfig, RULE_ID_DEFAULT};
+use portcullis_common::{
+    COUNTER_LOST_EVENTS, EVENT_DECISION, Event, IdentityConfig, RULE_ID_DEFAULT,
+};
 
-use crate::maps::{EVENTS, count};
+use crate::maps::{EVENTS, count, count_decision, count_policy_decision};
 
 /// Reserves an event; a full ring buffer is counted in `lost`, never silent.
 #[inline(always)]
@@ -28,6 +30,38 @@ pub fn reserve(lost: u32) -> Option<RingBufEntry<Event>> {
 #[inline(always)]
 pub fn reserve_decision() -> Option<RingBufEntry<Event>> {
     reserve(COUNTER_LOST_EVENTS)
+}
+
+/// Counts decision `d` of `action` by identity `id` (cgroup `cgid`) and,
+/// when it is to be logged, sends its event: the common and decision fields
+/// filled here, the target's by `target`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn report(
+    action: u8,
+    backend: u8,
+    id: u32,
+    cgid: u64,
+    cfg: &IdentityConfig,
+    d: &Decision,
+    target: impl FnOnce(&mut Event),
+) {
+    count_decision(action, d.verdict);
+    count_policy_decision(cfg, action, d.verdict, d.hit.policy_bit);
+    if !d.emits() {
+        return;
+    }
+    let Some(mut entry) = reserve_decision() else {
+        return;
+    };
+    let e: *mut Event = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved entry.
+    unsafe {
+        fill_common(e, EVENT_DECISION, id, cgid);
+        fill_decision(e, action, backend, d, cfg);
+        target(&mut *e);
+    }
+    entry.submit(0);
 }
 
 /// Fills the fields every event has and zeroes the rest that hooks may

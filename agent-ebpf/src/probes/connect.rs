@@ -12,15 +12,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use portcullis_common::{
-    ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, EVENT_DECISION, Event, HAS_NET,
-    IDENTITY_UNRESTRICTED, IdentityConfig, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet,
-    VERDICT_ALLOW, VERDICT_DENY, decide::apply_net_rule,
+    ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, COUNTER_ERR_CONNECT, HAS_NET, IDENTITY_UNRESTRICTED,
+    IdentityConfig, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRuleSet, VERDICT_ALLOW,
+    VERDICT_DENY, decide::apply_net_rule,
 };
 
 use crate::{
-    decision::{Decision, Matches, allow, fill_common, fill_decision, reserve_decision},
+    decision::{self, Decision, Matches, allow},
     identity,
-    maps::{NET_RULES, count, count_decision, count_policy_decision},
+    maps::{NET_RULES, count, count_decision},
 };
 
 const ALLOW: i32 = 1;
@@ -165,23 +165,18 @@ fn report(
     proto: u8,
     family: u8,
 ) {
-    count_decision(ACTION_CONNECT, d.verdict);
-    count_policy_decision(cfg, ACTION_CONNECT, d.verdict, d.hit.policy_bit);
-    if !d.emits() {
-        return;
-    }
-    let Some(mut entry) = reserve_decision() else {
-        return;
-    };
-    let e: *mut Event = entry.as_mut_ptr();
-    // SAFETY: `e` is the reserved entry.
-    unsafe {
-        fill_common(e, EVENT_DECISION, id, cgid);
-        fill_decision(e, ACTION_CONNECT, BACKEND_CGROUP_SOCK_ADDR, d, cfg);
-        (*e).addr = *addr;
-        (*e).port = port;
-        (*e).proto = proto;
-        (*e).family = family;
-    }
-    entry.submit(0);
+    decision::report(
+        ACTION_CONNECT,
+        BACKEND_CGROUP_SOCK_ADDR,
+        id,
+        cgid,
+        cfg,
+        d,
+        |e| {
+            e.addr = *addr;
+            e.port = port;
+            e.proto = proto;
+            e.family = family;
+        },
+    );
 }

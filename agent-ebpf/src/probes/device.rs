@@ -13,14 +13,14 @@ use aya_ebpf::{helpers::generated::bpf_loop, macros::cgroup_device, programs::De
 use portcullis_common::{
     ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, ACTION_DEVICE, BACKEND_CGROUP_DEVICE,
     COUNTER_ERR_DEVICE, DEVICE_ANY_MINOR, DEVICE_RULES_PER_KEY, DeviceKey, DeviceRuleSet,
-    EVENT_DECISION, Event, HAS_DEVICES, IDENTITY_UNRESTRICTED, IdentityConfig, VERDICT_ALLOW,
-    VERDICT_DENY, decide::apply_device_rule,
+    HAS_DEVICES, IDENTITY_UNRESTRICTED, IdentityConfig, VERDICT_ALLOW, VERDICT_DENY,
+    decide::apply_device_rule,
 };
 
 use crate::{
-    decision::{Decision, Matches, allow, fill_common, fill_decision, reserve_decision},
+    decision::{self, Decision, Matches, allow},
     identity,
-    maps::{DEVICE_RULES, count, count_decision, count_policy_decision},
+    maps::{DEVICE_RULES, count, count_decision},
 };
 
 /// `BPF_DEVCG_ACC_*`, in the upper half of `access_type`.
@@ -149,23 +149,18 @@ fn report(
     minor: u32,
     requested: u32,
 ) {
-    count_decision(ACTION_DEVICE, d.verdict);
-    count_policy_decision(cfg, ACTION_DEVICE, d.verdict, d.hit.policy_bit);
-    if !d.emits() {
-        return;
-    }
-    let Some(mut entry) = reserve_decision() else {
-        return;
-    };
-    let e: *mut Event = entry.as_mut_ptr();
-    // SAFETY: `e` is the reserved entry.
-    unsafe {
-        fill_common(e, EVENT_DECISION, id, cgid);
-        fill_decision(e, ACTION_DEVICE, BACKEND_CGROUP_DEVICE, d, cfg);
-        // The kernel's dev_t encoding, as for inode targets.
-        (*e).dev = (major << 20) | (minor & 0xfffff);
-        (*e).proto = kind as u8;
-        (*e).access = requested;
-    }
-    entry.submit(0);
+    decision::report(
+        ACTION_DEVICE,
+        BACKEND_CGROUP_DEVICE,
+        id,
+        cgid,
+        cfg,
+        d,
+        |e| {
+            // The kernel's dev_t encoding, as for inode targets.
+            e.dev = (major << 20) | (minor & 0xfffff);
+            e.proto = kind as u8;
+            e.access = requested;
+        },
+    );
 }

@@ -18,16 +18,15 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     ACCESS_READ, ACCESS_WRITE, ACTION_OPEN, BACKEND_LSM, BACKEND_TRACEPOINT_KILL, COUNTER_ERR_OPEN,
-    EVENT_DECISION, Event, HAS_FILES, IDENTITY_UNRESTRICTED, KernelOffsets, RULE_ID_IO_URING,
-    VERDICT_ALLOW, VERDICT_DENY,
+    HAS_FILES, IDENTITY_UNRESTRICTED, KernelOffsets, RULE_ID_IO_URING, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
-    decision::{Matches, fill_common, fill_decision, reserve_decision},
+    decision::{self, Matches},
     identity,
     inode::{self, Request, RuleMap},
     kernel::{current_exe, offsets, read, read_ptr},
-    maps::{count, count_decision, count_policy_decision},
+    maps::{count, count_decision},
     twins,
 };
 
@@ -87,8 +86,7 @@ pub fn open_tp(ctx: TracePointContext) -> u32 {
     // SAFETY: reads of the event record at fixed offsets.
     let nr = unsafe { ctx.read_at::<i32>(SYS_EXIT_NR) };
     match (nr, unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) }) {
-        (Ok(nr), Ok(ret)) if nr as u64 == NR_IO_URING_SETUP => decide_ring(ret),
-        (Ok(_), Ok(ret)) => decide_new_fd(ret),
+        (Ok(nr), Ok(ret)) => decide_new_fd(ret, nr as u64 == NR_IO_URING_SETUP),
         _ => count(COUNTER_ERR_OPEN),
     }
     0
@@ -108,30 +106,33 @@ pub fn open_tp_twin(ctx: BtfTracePointContext) -> u32 {
     };
     match read::<u64>(regs, o.pt_regs_orig_ax) {
         Ok(NR_OPEN | NR_CREAT | NR_OPENAT | NR_OPEN_BY_HANDLE_AT | NR_OPENAT2) => {
-            decide_new_fd(ret)
+            decide_new_fd(ret, false)
         }
-        Ok(NR_IO_URING_SETUP) => decide_ring(ret),
+        Ok(NR_IO_URING_SETUP) => decide_new_fd(ret, true),
         Ok(_) => {}
         Err(_) => count(COUNTER_ERR_OPEN),
     }
     0
 }
 
-/// Decides the file an open-family syscall returned as fd `ret`, unless
-/// the other twin did, and kills the caller on deny.
+/// Decides the file an open-family syscall returned as fd `ret` (or, with
+/// `ring`, the io_uring `io_uring_setup` returned: `try_ring`), unless the
+/// other twin did, and kills the caller on deny.
 #[inline(always)]
-fn decide_new_fd(ret: i64) {
+fn decide_new_fd(ret: i64, ring: bool) {
     if ret < 0 {
         return;
     }
     let decided = offsets()
         .ok_or(-1)
-        .and_then(|o| fd_file(&o, ret as u64))
-        .and_then(|file| {
-            if twins::first(file as u64) {
-                try_open(file, BACKEND_TRACEPOINT_KILL)
-            } else {
+        .and_then(|o| fd_file(&o, ret as u64).map(|file| (o, file)))
+        .and_then(|(o, file)| {
+            if !twins::first(file as u64) {
                 Ok(VERDICT_ALLOW)
+            } else if ring {
+                try_ring(&o)
+            } else {
+                try_open(file, BACKEND_TRACEPOINT_KILL)
             }
         });
     match decided {
@@ -145,35 +146,10 @@ fn decide_new_fd(ret: i64) {
     }
 }
 
-/// Decides a new io_uring (fd `ret`), unless the other twin did, and kills
-/// the caller when an enforcing policy of its identity has file rules: the
-/// ring's opens would pass unseen. Kills at once, before the ring exists
-/// for user space, as a denied open is killed.
-#[inline(always)]
-fn decide_ring(ret: i64) {
-    if ret < 0 {
-        return;
-    }
-    let decided = offsets()
-        .ok_or(-1)
-        .and_then(|o| fd_file(&o, ret as u64).map(|file| (o, file)))
-        .and_then(|(o, file)| {
-            if twins::first(file as u64) {
-                try_ring(&o)
-            } else {
-                Ok(VERDICT_ALLOW)
-            }
-        });
-    match decided {
-        Ok(VERDICT_DENY) => {
-            // SAFETY: as in `decide_new_fd`.
-            unsafe { bpf_send_signal(SIGKILL) };
-        }
-        Ok(_) => {}
-        Err(_) => count(COUNTER_ERR_OPEN),
-    }
-}
-
+/// The verdict on a new io_uring: denied when an enforcing policy of the
+/// caller's identity has file rules, since the ring's opens would pass
+/// unseen. The caller is killed as `io_uring_setup` returns, before the
+/// ring exists for user space, as a denied open is killed.
 #[inline(always)]
 fn try_ring(o: &KernelOffsets) -> Result<u8, i64> {
     let (cgid, id) = identity::current();
@@ -195,21 +171,19 @@ fn try_ring(o: &KernelOffsets) -> Result<u8, i64> {
     // refuses the counter index. A volatile re-read hides what LLVM knows.
     // SAFETY: a read of a live local.
     d.hit.policy_bit = unsafe { core::ptr::read_volatile(&d.hit.policy_bit) };
-    count_decision(ACTION_OPEN, d.verdict);
-    count_policy_decision(&cfg, ACTION_OPEN, d.verdict, d.hit.policy_bit);
     let exe = current_exe(o)?;
-    if let Some(mut entry) = reserve_decision() {
-        let e: *mut Event = entry.as_mut_ptr();
-        // SAFETY: `e` is the reserved entry.
-        unsafe {
-            fill_common(e, EVENT_DECISION, id, cgid);
-            fill_decision(e, ACTION_OPEN, BACKEND_TRACEPOINT_KILL, &d, &cfg);
-            (*e).exe_dev = exe.0;
-            (*e).exe_ino = exe.1;
-            (*e).access = ACCESS_READ | ACCESS_WRITE;
-        }
-        entry.submit(0);
-    }
+    decision::report(
+        ACTION_OPEN,
+        BACKEND_TRACEPOINT_KILL,
+        id,
+        cgid,
+        &cfg,
+        &d,
+        |e| {
+            (e.exe_dev, e.exe_ino) = exe;
+            e.access = ACCESS_READ | ACCESS_WRITE;
+        },
+    );
     Ok(d.verdict)
 }
 

@@ -10,14 +10,14 @@
 use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
 use portcullis_common::{
     ACCESS_CREATE, ACTION_SOCKET, BACKEND_CGROUP_SOCK, COUNTER_ERR_SOCKET, DEVICE_CLASS_SOCKET,
-    DeviceKey, EVENT_DECISION, Event, HAS_SOCKETS, IDENTITY_UNRESTRICTED, IdentityConfig,
-    VERDICT_ALLOW, VERDICT_DENY, inet_kind,
+    DeviceKey, HAS_SOCKETS, IDENTITY_UNRESTRICTED, IdentityConfig, VERDICT_ALLOW, VERDICT_DENY,
+    inet_kind,
 };
 
 use crate::{
-    decision::{Decision, Matches, allow, fill_common, fill_decision, reserve_decision},
+    decision::{self, Decision, Matches, allow},
     identity,
-    maps::{count, count_decision, count_policy_decision},
+    maps::{count, count_decision},
     probes::device::RuleScan,
 };
 
@@ -81,23 +81,10 @@ pub fn report(
     protocol: u32,
     kind: u8,
 ) {
-    count_decision(ACTION_SOCKET, d.verdict);
-    count_policy_decision(cfg, ACTION_SOCKET, d.verdict, d.hit.policy_bit);
-    if !d.emits() {
-        return;
-    }
-    let Some(mut entry) = reserve_decision() else {
-        return;
-    };
-    let e: *mut Event = entry.as_mut_ptr();
-    // SAFETY: `e` is the reserved entry.
-    unsafe {
-        fill_common(e, EVENT_DECISION, id, cgid);
-        fill_decision(e, ACTION_SOCKET, BACKEND_CGROUP_SOCK, d, cfg);
-        (*e).family = family as u8;
-        (*e).proto = kind;
-        (*e).access = ty;
-        (*e).port = protocol as u16;
-    }
-    entry.submit(0);
+    decision::report(ACTION_SOCKET, BACKEND_CGROUP_SOCK, id, cgid, cfg, d, |e| {
+        e.family = family as u8;
+        e.proto = kind;
+        e.access = ty;
+        e.port = protocol as u16;
+    });
 }
