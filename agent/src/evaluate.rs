@@ -1,4 +1,4 @@
-//! The kernel's exec, file, connect and device decisions, evaluated on the
+//! The kernel's exec, file, connect, device and socket decisions, evaluated on the
 //! host: the same rule steps and combining code (`portcullis_common::decide`)
 //! over the same compiled map contents, walked over the same (dev, ino)
 //! levels. `portcullis test`, `explain` and `replay` decide with it;
@@ -14,10 +14,11 @@ use std::{
 };
 
 use portcullis_common::{
-    ACCESS_EXEC, DEVICE_ANY_MINOR, DEVICE_BLOCK, DEVICE_CHAR, DEVICE_RULES_PER_KEY, DeviceKey,
-    DeviceRuleSet, HAS_DEVICES, HAS_EXEC, HAS_FILES, HAS_NET, IDENTITY_UNRESTRICTED,
-    IdentityConfig, InodeKey, InodeRule, InodeRuleSet, MAX_PATH_DEPTH, MAX_POLICIES_PER_IDENTITY,
-    NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRule, NetRuleSet, RULE_ID_TOO_DEEP, RULE_LOG_ALLOW,
+    ACCESS_CREATE, ACCESS_EXEC, DEVICE_ANY_MINOR, DEVICE_BLOCK, DEVICE_CHAR, DEVICE_CLASS_SOCKET,
+    DEVICE_RULES_PER_KEY, DeviceKey, DeviceRuleSet, HAS_DEVICES, HAS_EXEC, HAS_FILES, HAS_NET,
+    HAS_SOCKETS, IDENTITY_UNRESTRICTED, IdentityConfig, InodeKey, InodeRule, InodeRuleSet,
+    MAX_PATH_DEPTH, MAX_POLICIES_PER_IDENTITY, NET_KEY_DATA_LEN, NET_RULES_PER_PREFIX, NetRule,
+    NetRuleSet, RULE_ID_TOO_DEEP, RULE_LOG_ALLOW,
     decide::{
         Decision, Hit, Matches, allow, apply_device_rule, apply_inode_rule, apply_net_rule,
         fail_closed,
@@ -193,36 +194,97 @@ pub fn decide_device(
     if cfg.flags & HAS_DEVICES == 0 {
         return allow();
     }
-    let active = active_policies(cfg, uid);
-    let mut m = Matches::new(active);
-    for minor in [minor, DEVICE_ANY_MINOR] {
-        let key = DeviceKey {
-            identity,
-            kind,
-            major,
-            minor,
-        };
-        let Some(set) = devices.get(&key) else {
-            continue;
-        };
-        for r in set
-            .rules
-            .iter()
-            .take((set.count as usize).min(DEVICE_RULES_PER_KEY))
-        {
-            trace(matched, active, r.rule_id, |m| {
-                let logged = portcullis_common::DeviceRule {
-                    flags: r.flags | RULE_LOG_ALLOW as u8,
-                    ..*r
-                };
-                apply_device_rule(m, &logged, requested);
-            });
-            if apply_device_rule(&mut m, r, requested) {
-                break;
+    let scan = RuleScan {
+        devices,
+        identity,
+        active: active_policies(cfg, uid),
+        requested,
+    };
+    scan.decide(
+        (kind, major),
+        &[minor, DEVICE_ANY_MINOR],
+        (cfg.dev_deny_enforce, cfg.dev_deny_audit),
+        matched,
+    )
+}
+
+/// Decides a `socket()` of `kind` (`SOCKET_*`) in `family` (`AF_INET`,
+/// `AF_INET6`) as the kernel's `sock_create` program does: the socket
+/// class's rules for (family, kind). TCP and UDP are not asked.
+pub fn decide_socket(
+    rules: &BTreeMap<DeviceKey, DeviceRuleSet>,
+    identity: u32,
+    cfg: &IdentityConfig,
+    uid: u32,
+    (family, kind): (u32, u8),
+    matched: &mut Vec<Hit>,
+) -> Decision {
+    if cfg.flags & HAS_SOCKETS == 0 {
+        return allow();
+    }
+    let scan = RuleScan {
+        devices: rules,
+        identity,
+        active: active_policies(cfg, uid),
+        requested: ACCESS_CREATE,
+    };
+    scan.decide(
+        (DEVICE_CLASS_SOCKET, family),
+        &[u32::from(kind)],
+        (cfg.sock_deny_enforce, cfg.sock_deny_audit),
+        matched,
+    )
+}
+
+/// The device rule map's scan (shared by device and socket rules, as in
+/// the kernel's `RuleScan`).
+struct RuleScan<'a> {
+    devices: &'a BTreeMap<DeviceKey, DeviceRuleSet>,
+    identity: u32,
+    active: u32,
+    requested: u32,
+}
+
+impl RuleScan<'_> {
+    fn decide(
+        &self,
+        (kind, major): (u32, u32),
+        minors: &[u32],
+        (deny_enforce, deny_audit): (u32, u32),
+        matched: &mut Vec<Hit>,
+    ) -> Decision {
+        let (devices, identity, active, requested) =
+            (self.devices, self.identity, self.active, self.requested);
+        let mut m = Matches::new(active);
+        for &minor in minors {
+            let key = DeviceKey {
+                identity,
+                kind,
+                major,
+                minor,
+            };
+            let Some(set) = devices.get(&key) else {
+                continue;
+            };
+            for r in set
+                .rules
+                .iter()
+                .take((set.count as usize).min(DEVICE_RULES_PER_KEY))
+            {
+                trace(matched, active, r.rule_id, |m| {
+                    let logged = portcullis_common::DeviceRule {
+                        flags: r.flags | RULE_LOG_ALLOW as u8,
+                        ..*r
+                    };
+                    apply_device_rule(m, &logged, requested);
+                });
+                if apply_device_rule(&mut m, r, requested) {
+                    break;
+                }
             }
         }
+        m.finish(deny_enforce, deny_audit)
     }
-    m.finish(cfg.dev_deny_enforce, cfg.dev_deny_audit)
 }
 
 /// The policies of `cfg` that apply to a task running as `uid`: all but the
@@ -298,6 +360,11 @@ pub enum Action<P = Levels> {
         minor: u32,
         access: u32,
     },
+    /// A `socket()` of `kind` (`SOCKET_*`) in `family` (`AF_INET`/`AF_INET6`).
+    Socket {
+        family: u32,
+        kind: u8,
+    },
 }
 
 impl<P> Action<P> {
@@ -321,6 +388,7 @@ impl<P> Action<P> {
                 minor,
                 access,
             },
+            &Action::Socket { family, kind } => Action::Socket { family, kind },
         })
     }
 
@@ -411,6 +479,9 @@ pub fn evaluate(
             access,
             &mut hits,
         ),
+        &Action::Socket { family, kind } => {
+            decide_socket(&c.devices, identity, &cfg, uid, (family, kind), &mut hits)
+        }
         _ => allow(),
     };
     let names = Names::of(c);

@@ -162,7 +162,7 @@ enum Command {
         #[arg(long = "policy", short = 'p', required = true)]
         policies: Vec<PathBuf>,
         /// Decision-log lines to explain (a file, or - for stdin).
-        #[arg(long, conflicts_with_all = ["exec", "open", "connect", "device"])]
+        #[arg(long, conflicts_with_all = ["exec", "open", "connect", "device", "socket"])]
         log: Option<PathBuf>,
         /// The cgroup v2 path of the acting task.
         #[arg(long, default_value = "/")]
@@ -179,6 +179,10 @@ enum Command {
         /// A device open or mknod: `c MAJOR:MINOR` or `b MAJOR:MINOR`.
         #[arg(long, value_name = "DEVICE")]
         device: Option<String>,
+        /// A socket of a kind beyond TCP and UDP: `raw`, `icmp` or
+        /// `inet-other`, optionally `/inet6` (`raw/inet6`).
+        #[arg(long, value_name = "KIND")]
+        socket: Option<String>,
         /// With --open: read, write or read_write; with --device also mknod.
         #[arg(long, default_value = "read")]
         access: String,
@@ -263,20 +267,24 @@ fn main() -> ExitCode {
             access,
             connect,
             device,
+            socket,
             udp,
             json,
         } => {
-            let request = match (exec, open, connect, device) {
-                (Some(p), None, None, None) => Some(("exec", p)),
-                (None, Some(p), None, None) => Some(("open", p)),
-                (None, None, Some(a), None) => Some(("connect", a)),
-                (None, None, None, Some(d)) => Some(("device", d)),
-                (None, None, None, None) => None,
-                _ => {
-                    eprintln!("give one of --exec, --open, --connect and --device");
-                    return ExitCode::FAILURE;
-                }
-            };
+            let mut given = [
+                ("exec", exec),
+                ("open", open),
+                ("connect", connect),
+                ("device", device),
+                ("socket", socket),
+            ]
+            .into_iter()
+            .filter_map(|(action, target)| Some((action, target?)));
+            let request = given.next();
+            if given.next().is_some() {
+                eprintln!("give one of --exec, --open, --connect, --device and --socket");
+                return ExitCode::FAILURE;
+            }
             let one = request.map(|(action, target)| {
                 explain::Request::from_args(action, &cgroup, uid, &exe, &target, &access, udp)
             });

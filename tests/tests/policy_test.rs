@@ -139,7 +139,7 @@ fn policy_test_predictions_match_the_kernel() {
     let cg = Cgroup::create("ptest-kernel");
     let t = |rel: &str| tmp.str(rel);
     let policy = format!(
-        "{}  exec:\n    deny: [\"{}\"]\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"], protocol: tcp }}\n  files:\n    - {{ path: \"{}/**\", access: none }}\n    - {{ path: \"{}/**\", access: read }}\n  devices:\n    deny:\n      - {{ device: \"c 195:1\", access: [mknod] }}\n",
+        "{}  exec:\n    deny: [\"{}\"]\n  network:\n    egress:\n      deny:\n        - {{ cidr: 127.0.0.1/32, ports: [\"{}\"], protocol: tcp }}\n    sockets:\n      deny: [raw]\n  files:\n    - {{ path: \"{}/**\", access: none }}\n    - {{ path: \"{}/**\", access: read }}\n  devices:\n    deny:\n      - {{ device: \"c 195:1\", access: [mknod] }}\n",
         policy_header("ptest-kernel", "enforce", &cg.path),
         t("bin/evil"),
         denied_l.port,
@@ -202,6 +202,21 @@ fn policy_test_predictions_match_the_kernel() {
             vec!["mknod".into(), t("gpu2"), "195".into(), "2".into()],
             "device",
         ),
+        (
+            "socket: {kind: raw}".into(),
+            vec![
+                "raw-send".into(),
+                "127.0.0.1".into(),
+                "253".into(),
+                "x".into(),
+            ],
+            "socket",
+        ),
+        (
+            "socket: {kind: icmp, family: inet}".into(),
+            vec!["ping".into()],
+            "socket",
+        ),
     ];
     let mut file = format!("{HEADER}policies: [policy.yaml]\ncases:\n");
     for (i, (action, _, _)) in cases.iter().enumerate() {
@@ -225,7 +240,8 @@ fn policy_test_predictions_match_the_kernel() {
     assert_eq!(
         predicted,
         [
-            "deny", "allow", "deny", "allow", "deny", "deny", "allow", "deny", "allow"
+            "deny", "allow", "deny", "allow", "deny", "deny", "allow", "deny", "allow", "deny",
+            "allow"
         ],
         "{report}"
     );
@@ -233,9 +249,10 @@ fn policy_test_predictions_match_the_kernel() {
     for ((action, args, hook), want) in cases.iter().zip(&predicted) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let got = probe(&cg, &args);
-        // Connect and device access are refused with EPERM on every backend.
+        // Connects, devices and sockets are refused with EPERM on every
+        // backend.
         let denied = match *hook {
-            "connect" | "device" => Outcome::Errno(portcullis_tests::EPERM),
+            "connect" | "device" | "socket" => Outcome::Errno(portcullis_tests::EPERM),
             _ => agent.denied(hook),
         };
         let kernel = if got == denied {

@@ -62,7 +62,8 @@ pub fn decide_all(
 }
 
 /// Where `rule` (`files[1] /etc/x`, `exec.allow[0] /usr/**`,
-/// `network.egress.deny[2] …`, `devices.allow[0] …`) is written in
+/// `network.egress.deny[2] …`, `devices.allow[0] …`,
+/// `network.sockets.allow[0] raw`) is written in
 /// `policy`: `file:line`.
 pub fn rule_place(policy: &Policy, rule: &str) -> Option<String> {
     let place = rule.split(' ').next()?;
@@ -76,6 +77,8 @@ pub fn rule_place(policy: &Policy, rule: &str) -> Option<String> {
         "network.egress.deny" => policy.egress.as_ref()?.deny.get(i)?.line,
         "devices.allow" => policy.devices.as_ref()?.allow.get(i)?.line,
         "devices.deny" => policy.devices.as_ref()?.deny.get(i)?.line,
+        "network.sockets.allow" => policy.sockets.as_ref()?.allow.get(i)?.line,
+        "network.sockets.deny" => policy.sockets.as_ref()?.deny.get(i)?.line,
         _ => return None,
     };
     Some(format!("{}:{line}", policy.source.display()))

@@ -4,7 +4,7 @@
 
 use std::{net::IpAddr, path::Path, sync::Arc};
 
-use portcullis_common::{ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE};
+use portcullis_common::{ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, AF_INET, AF_INET6};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -145,10 +145,26 @@ impl Request {
                 };
                 (a, dev)
             }
+            "socket" => {
+                let name = s("/target/socket").ok_or("no target.socket")?;
+                let kind = crate::policy::SocketKind::from_name(&name).ok_or_else(|| {
+                    format!("target.socket {name}: expected raw, icmp or inet-other")
+                })?;
+                let inet6 = s("/target/family").as_deref() == Some("inet6");
+                let family = if inet6 { AF_INET6 } else { AF_INET };
+                let a = Action::Socket {
+                    family,
+                    kind: kind.wire(),
+                };
+                (
+                    a,
+                    format!("{name} ({})", if inet6 { "inet6" } else { "inet" }),
+                )
+            }
             _ => return Ok(None),
         };
         Ok(Some(Self {
-            access: access.filter(|_| action != "exec" && action != "connect"),
+            access: access.filter(|_| !matches!(action.as_str(), "exec" | "connect" | "socket")),
             action,
             cgroup,
             uid,
@@ -178,6 +194,12 @@ impl Request {
                 serde_json::json!({"action": action, "workload": {"cgroup": cgroup, "uid": uid}, "exe": exe,
                     "target": {"ip": sa.ip().to_string(), "port": sa.port(), "protocol": if udp { "udp" } else { "tcp" }}})
             }
+            "socket" => {
+                // `raw`, or `raw/inet6`.
+                let (kind, family) = target.split_once('/').unwrap_or((target, "inet"));
+                serde_json::json!({"action": action, "workload": {"cgroup": cgroup, "uid": uid},
+                    "exe": exe, "target": {"socket": kind, "family": family}})
+            }
             "exec" | "open" | "device" => {
                 let key = if action == "device" { "device" } else { "path" };
                 serde_json::json!({"action": action, "workload": {"cgroup": cgroup, "uid": uid},
@@ -185,7 +207,7 @@ impl Request {
             }
             other => {
                 return Err(format!(
-                    "unknown action {other}: exec, open, connect or device"
+                    "unknown action {other}: exec, open, connect, device or socket"
                 ));
             }
         };

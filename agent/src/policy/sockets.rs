@@ -9,8 +9,19 @@ use portcullis_common::{SOCKET_ICMP, SOCKET_INET_OTHER, SOCKET_RAW};
 use super::DefaultAction;
 
 /// A kind of socket, as policies name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, schemars::JsonSchema)]
-#[schemars(rename_all = "kebab-case")]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    schemars::JsonSchema,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum SocketKind {
     /// `SOCK_RAW` of IPv4 or IPv6: any IP packet, addressed at will.
     Raw,
@@ -41,6 +52,11 @@ impl SocketKind {
             Self::Icmp => SOCKET_ICMP,
             Self::InetOther => SOCKET_INET_OTHER,
         }
+    }
+
+    /// The kind a policy (or a decision line) names `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k)
     }
 
     pub fn from_wire(v: u8) -> Option<Self> {

@@ -9,7 +9,8 @@ use std::{
 };
 
 use portcullis_common::{
-    ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, AF_INET, AF_INET6, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -62,6 +63,7 @@ struct RawCase {
     open: Option<RawOpen>,
     connect: Option<RawConnect>,
     device: Option<RawDevice>,
+    socket: Option<RawSocket>,
     expect: RawExpect,
 }
 
@@ -72,6 +74,23 @@ struct RawDevice {
     device: String,
     /// Default: read and write (an open for both).
     access: Option<Vec<DeviceAccess>>,
+}
+
+/// A `socket()` of a kind beyond TCP and UDP.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawSocket {
+    kind: crate::policy::SocketKind,
+    #[serde(default)]
+    family: Family,
+}
+
+#[derive(Deserialize, JsonSchema, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Family {
+    #[default]
+    Inet,
+    Inet6,
 }
 
 #[derive(Deserialize, JsonSchema, Clone, Copy)]
@@ -273,8 +292,8 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
                 );
             }
         }
-        let request = match (c.exec, c.open, c.connect, c.device) {
-            (None, None, None, Some(d)) => {
+        let request = match (c.exec, c.open, c.connect, c.device, c.socket) {
+            (None, None, None, Some(d), None) => {
                 let Some((kind, major, minor)) = crate::evaluate::parse_device(&d.device) else {
                     bad(
                         "device.device",
@@ -298,8 +317,8 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
                     access,
                 }
             }
-            (Some(path), None, None, None) => Request::Exec { path },
-            (None, Some(o), None, None) => Request::Open {
+            (Some(path), None, None, None, None) => Request::Exec { path },
+            (None, Some(o), None, None, None) => Request::Open {
                 path: o.path,
                 access: match o.access {
                     Access::Read => ACCESS_READ,
@@ -307,7 +326,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
                     Access::Readwrite => ACCESS_READ | ACCESS_WRITE,
                 },
             },
-            (None, None, Some(c), None) => Request::Connect {
+            (None, None, Some(c), None, None) => Request::Connect {
                 addr: match c.address {
                     IpAddr::V4(a) => a.to_ipv6_mapped(),
                     IpAddr::V6(a) => a,
@@ -318,10 +337,17 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
                     Protocol::Udp => libc::IPPROTO_UDP as u8,
                 },
             },
+            (None, None, None, None, Some(sk)) => Request::Socket {
+                family: match sk.family {
+                    Family::Inet => AF_INET,
+                    Family::Inet6 => AF_INET6,
+                },
+                kind: sk.kind.wire(),
+            },
             _ => {
                 bad(
                     "exec",
-                    "a case makes exactly one of exec, open, connect and device",
+                    "a case makes exactly one of exec, open, connect, device and socket",
                 );
                 continue;
             }
@@ -330,7 +356,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
             match &request {
                 Request::Exec { path } => Some(("exec", path)),
                 Request::Open { path, .. } => Some(("open.path", path)),
-                Request::Connect { .. } | Request::Device { .. } => None,
+                Request::Connect { .. } | Request::Device { .. } | Request::Socket { .. } => None,
             },
             c.workload.exe.as_ref().map(|e| ("workload.exe", e)),
         ];
