@@ -41,7 +41,7 @@ use portcullis_common::{
     MAP_IDENTITY_CFG, MAP_NET_RULES, MAP_ONLY_FROM, MODE_ENFORCE, NET_KEY_DATA_LEN, NetRule,
     NetRuleSet, PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_TP,
     PROG_EXEC_TP_TWIN, PROG_OPEN_TP, PROG_OPEN_TP_TWIN, PROG_SENDMSG4, PROG_SENDMSG6,
-    RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW, VERDICT_DENY,
+    PROG_SOCK_CREATE, RULE_ID_DEFAULT, RULE_LOG_ALLOW, RULE_SUBTREE, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 const IDENTITY: u32 = 7;
@@ -325,11 +325,13 @@ fn programs_load_and_attach() {
             PROG_OPEN_TP,
             PROG_OPEN_TP,
             PROG_OPEN_TP,
+            PROG_OPEN_TP,
             PROG_OPEN_TP_TWIN,
             PROG_SENDMSG4,
-            PROG_SENDMSG6
+            PROG_SENDMSG6,
+            PROG_SOCK_CREATE
         ],
-        "each fallback program loaded and attached once per hook (open_tp: the five open calls)"
+        "each fallback program loaded and attached once per hook (open_tp: the five open calls and io_uring_setup)"
     );
     drop(k);
     // A test running beside this one may fork between our attach and this
