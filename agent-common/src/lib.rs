@@ -94,6 +94,16 @@ pub const PROG_OPEN_TP: &str = "open_tp";
 pub const PROG_OPEN_TP_TWIN: &str = "open_tp_twin";
 /// BTF tracepoint `cgroup_mkdir`: tells the agent a cgroup appeared.
 pub const PROG_CGROUP_MKDIR: &str = "cgroup_mkdir";
+/// BPF-LSM `inode_rename` / `inode_link`: a governed file may not be moved
+/// or linked out from under its rules (no fallback).
+pub const PROG_RENAME_LSM: &str = "rename_lsm";
+pub const PROG_LINK_LSM: &str = "link_lsm";
+/// `Event.action` of a rename or link decision.
+pub const ACTION_MOVE: u8 = 5;
+/// `Event.access` of a move decision: which call it was. The walk itself
+/// asks for read and write: a task may move a file only if it may do both.
+pub const ACCESS_RENAME: u32 = 32;
+pub const ACCESS_LINK: u32 = 64;
 
 // ---------------------------------------------------------------------------
 // Wire constants.
@@ -116,7 +126,7 @@ pub const ACTION_EXEC: u8 = 0;
 pub const ACTION_CONNECT: u8 = 1;
 pub const ACTION_OPEN: u8 = 2;
 // ACTION_DEVICE (3) is in `device`, ACTION_SOCKET (4) in `socket`.
-pub const ACTIONS: u32 = 5;
+pub const ACTIONS: u32 = 6;
 
 pub const VERDICT_ALLOW: u8 = 0;
 /// Would have been denied, but only audit-mode policies said so.
@@ -183,7 +193,8 @@ pub const COUNTER_UNCLASSIFIED: u32 = 4;
 pub const COUNTER_MKDIR_LOST: u32 = 5;
 pub const COUNTER_ERR_DEVICE: u32 = 6;
 pub const COUNTER_ERR_SOCKET: u32 = 7;
-pub const COUNTERS: u32 = 8;
+pub const COUNTER_ERR_MOVE: u32 = 8;
+pub const COUNTERS: u32 = 9;
 
 pub const NET_RULES_PER_PREFIX: usize = 16;
 pub const INODE_RULES_PER_KEY: usize = 4;

@@ -97,7 +97,17 @@ pub fn decide(
     file: *const u8,
     req: &Request,
 ) -> Result<Outcome, i64> {
-    let leaf = read_ptr(file, o.file_dentry)?;
+    decide_dentry(o, map, read_ptr(file, o.file_dentry)?, req)
+}
+
+/// Decides `req` on the file of dentry `leaf`, as `decide` does.
+#[inline(always)]
+pub fn decide_dentry(
+    o: &KernelOffsets,
+    map: RuleMap,
+    leaf: *const u8,
+    req: &Request,
+) -> Result<Outcome, i64> {
     let (dev, ino) = dentry_id(o, leaf)?;
     let Some(walk) = claim() else {
         // More walks preempted on this CPU than there are slots: decided

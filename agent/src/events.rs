@@ -14,10 +14,11 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
-    ACCESS_EXEC, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, ACTION_CONNECT, ACTION_DEVICE,
-    ACTION_EXEC, ACTION_OPEN, ACTION_SOCKET, AF_INET6, DEVICE_BLOCK, EVENT_CGROUP_MKDIR,
-    EVENT_DECISION, EVENT_NAMES, Event, MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_IO_URING,
-    RULE_ID_NO_WALK_SLOT, RULE_ID_TOO_DEEP, VERDICT_ALLOW, VERDICT_AUDIT,
+    ACCESS_EXEC, ACCESS_LINK, ACCESS_MKNOD, ACCESS_READ, ACCESS_RENAME, ACCESS_WRITE,
+    ACTION_CONNECT, ACTION_DEVICE, ACTION_EXEC, ACTION_MOVE, ACTION_OPEN, ACTION_SOCKET, AF_INET6,
+    DEVICE_BLOCK, EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event, MAX_PATH_DEPTH,
+    RULE_ID_DEFAULT, RULE_ID_IO_URING, RULE_ID_NO_WALK_SLOT, RULE_ID_TOO_DEEP, VERDICT_ALLOW,
+    VERDICT_AUDIT,
 };
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -353,6 +354,7 @@ fn action_name(action: u8) -> &'static str {
         ACTION_OPEN => "open",
         ACTION_DEVICE => "device",
         ACTION_SOCKET => "socket",
+        ACTION_MOVE => "move",
         _ => "unknown",
     }
 }
@@ -368,6 +370,12 @@ fn verdict_name(verdict: u8) -> &'static str {
 fn access_name(access: u32) -> &'static str {
     if access & ACCESS_MKNOD != 0 {
         return "mknod";
+    }
+    if access & ACCESS_RENAME != 0 {
+        return "rename";
+    }
+    if access & ACCESS_LINK != 0 {
+        return "link";
     }
     match (
         access & ACCESS_READ != 0,

@@ -294,6 +294,8 @@ pub struct Backends {
     pub open: Backend,
     pub device: Backend,
     pub socket: Backend,
+    /// Renames and links of governed files (BPF-LSM only).
+    pub moves: Backend,
 }
 
 impl Backends {
@@ -305,6 +307,7 @@ impl Backends {
             "open" => Some(&mut self.open),
             "device" => Some(&mut self.device),
             "socket" => Some(&mut self.socket),
+            "move" => Some(&mut self.moves),
             _ => None,
         }
     }
@@ -447,6 +450,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         open: Backend::None,
         device: Backend::None,
         socket: Backend::None,
+        moves: Backend::None,
     };
     let mut pinned = Vec::new();
     let mut links = Vec::new();
@@ -493,6 +497,19 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         }
         if attached.is_empty() {
             let (program, reason) = failed.swap_remove(0);
+            // An action only BPF-LSM enforces, on a kernel where no LSM
+            // program attached: a limit of the kernel (the README's table),
+            // not a hook that failed, so the node is not degraded for it.
+            let lsm_only = matches!(spec.hook, Hook::Lsm(_)) && spec.fallback.is_none();
+            if lsm_only && backends.exec != Backend::Lsm && backends.open != Backend::Lsm {
+                tracing::info!(
+                    program,
+                    hook = spec.hook.name(),
+                    "{} is not enforced on this kernel, which has no BPF-LSM: {reason}",
+                    spec.action.label()
+                );
+                continue;
+            }
             if spec.action == Action::Observe || opts.require_hooks {
                 return Err(LoaderError::HookRequired {
                     action: spec.action.label(),

@@ -21,9 +21,10 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray};
 use portcullis_common::{
-    ACTIONS, COUNTER_ERR_CONNECT, COUNTER_ERR_DEVICE, COUNTER_ERR_EXEC, COUNTER_ERR_OPEN,
-    COUNTER_ERR_SOCKET, COUNTER_LOST_EVENTS, COUNTER_MKDIR_LOST, COUNTER_UNCLASSIFIED, COUNTERS,
-    DECISION_SLOTS, POLICY_DECISION_SLOTS, VERDICTS, policy_decision_index,
+    ACTIONS, COUNTER_ERR_CONNECT, COUNTER_ERR_DEVICE, COUNTER_ERR_EXEC, COUNTER_ERR_MOVE,
+    COUNTER_ERR_OPEN, COUNTER_ERR_SOCKET, COUNTER_LOST_EVENTS, COUNTER_MKDIR_LOST,
+    COUNTER_UNCLASSIFIED, COUNTERS, DECISION_SLOTS, POLICY_DECISION_SLOTS, VERDICTS,
+    policy_decision_index,
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -92,7 +93,8 @@ fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
     map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
-const ACTION_NAMES: [&str; ACTIONS as usize] = ["exec", "connect", "open", "device", "socket"];
+const ACTION_NAMES: [&str; ACTIONS as usize] =
+    ["exec", "connect", "open", "device", "socket", "move"];
 const VERDICT_NAMES: [&str; VERDICTS as usize] = ["allow", "audit", "deny"];
 
 /// Every metric the agent exports. Cheap to share (`Arc`).
@@ -306,6 +308,7 @@ impl Metrics {
             ("open", b.open),
             ("device", b.device),
             ("socket", b.socket),
+            ("move", b.moves),
         ] {
             self.backend
                 .get_or_create(&BackendLabels {
@@ -407,6 +410,7 @@ impl Metrics {
             ("open", COUNTER_ERR_OPEN),
             ("device", COUNTER_ERR_DEVICE),
             ("socket", COUNTER_ERR_SOCKET),
+            ("move", COUNTER_ERR_MOVE),
         ] {
             self.kernel_errors
                 .get_or_create(&HookLabels { hook })

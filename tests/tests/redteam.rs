@@ -239,3 +239,75 @@ fn io_uring_opens_are_refused_under_file_rules_on_either_backend() {
     )));
     assert_eq!(probe(&cg, &["uring-open", &secret]), Outcome::Ok(0));
 }
+
+#[test]
+fn a_governed_file_cannot_be_renamed_or_linked_out_of_its_subtree() {
+    require_kernel!();
+    let tmp = TempDir::new("redteam-move");
+    for d in ["pii", "out"] {
+        std::fs::create_dir_all(tmp.path(d)).unwrap();
+    }
+    for f in ["pii/a", "pii/b", "pii/c", "out/decoy", "free"] {
+        std::fs::write(tmp.path(f), f).unwrap();
+    }
+    let t = |rel: &str| tmp.str(rel);
+    let cg = Cgroup::create("redteam-move");
+    let bystander = Cgroup::create("redteam-move-bystander");
+    let policy = |access: &str| {
+        format!(
+            "{}  files:\n    - {{ path: \"{}/**\", access: {access} }}\n",
+            policy_header("redteam-move", "enforce", &cg.path),
+            t("pii")
+        )
+    };
+    let mut agent = Agent::start(&policy("none"));
+    if agent.backend("move") != "lsm" {
+        portcullis_tests::skip("renames and links are governed with BPF-LSM only");
+        return;
+    }
+
+    // Moved or linked out of pii/, the file would open under a name no rule
+    // covers: each way out is refused, an exchange included.
+    assert_eq!(
+        probe(&cg, &["rename", &t("pii/a"), &t("out/a")]),
+        Outcome::Errno(EPERM)
+    );
+    assert_eq!(
+        probe(&cg, &["link", &t("pii/a"), &t("out/a")]),
+        Outcome::Errno(EPERM)
+    );
+    assert_eq!(
+        probe(&cg, &["exchange", &t("out/decoy"), &t("pii/b")]),
+        Outcome::Errno(EPERM)
+    );
+    assert!(tmp.path("pii/a").exists() && !tmp.path("out/a").exists());
+    assert_eq!(std::fs::read_to_string(tmp.path("pii/b")).unwrap(), "pii/b");
+    assert_eq!(probe(&cg, &["read", &t("pii/a")]), Outcome::Errno(EPERM));
+    // A file no rule covers moves freely; another workload's policy is its own.
+    assert_eq!(
+        probe(&cg, &["rename", &t("free"), &t("out/free")]),
+        Outcome::Ok(0)
+    );
+    assert_eq!(
+        probe(&bystander, &["link", &t("pii/c"), &t("out/c")]),
+        Outcome::Ok(0)
+    );
+
+    let d = agent.wait_decision("rename deny line", |d| {
+        d["action"] == "move" && d["target"]["access"] == "rename"
+    });
+    assert_eq!(d["verdict"], "deny");
+    assert_eq!(d["backend"], "lsm");
+    assert_eq!(d["policy"], "redteam-move");
+    assert!(d["rule"].as_str().unwrap().starts_with("files[0]"), "{d}");
+    agent.wait_decision("link deny line", |d| {
+        d["action"] == "move" && d["target"]["access"] == "link"
+    });
+
+    // A workload that may read and write the file may move it.
+    assert!(agent.reload(&policy("readwrite")));
+    assert_eq!(
+        probe(&cg, &["rename", &t("pii/a"), &t("out/a")]),
+        Outcome::Ok(0)
+    );
+}

@@ -4,4 +4,5 @@ pub mod connect;
 pub mod device;
 pub mod exec;
 pub mod file;
+pub mod moves;
 pub mod socket;

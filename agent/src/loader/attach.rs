@@ -28,7 +28,15 @@ pub(super) fn try_attach(
     }
     match attach(ebpf, spec, opts, kbtf) {
         Ok(link) => Ok(Ok(link)),
-        Err(e @ LoaderError::Load { .. }) if e.is_privilege() && spec.fallback.is_none() => Err(e),
+        // An LSM program's EPERM is the kernel refusing BPF-LSM, as where
+        // `bpf` is listed in `lsm=` but the build refuses its programs.
+        Err(e @ LoaderError::Load { .. })
+            if e.is_privilege()
+                && spec.fallback.is_none()
+                && !matches!(spec.hook, Hook::Lsm(_)) =>
+        {
+            Err(e)
+        }
         Err(e) => Ok(Err(error_chain(&e))),
     }
 }
@@ -99,19 +107,23 @@ fn attach(
         source,
     };
     match spec.hook {
-        Hook::SockAddr => {
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(wrong_type)?;
+        Hook::SockAddr | Hook::SockCreate => {
             let cgroup = open_cgroup_root(program, opts)?;
             // aya attaches with bpf_link_create (kernel >= 5.7), and cgroup
             // links always coexist with other programs (multi semantics);
             // that syscall rejects BPF_F_ALLOW_MULTI with EINVAL, so the
             // mode must be the default here.
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link)
-                .map(|l| vec![AttachedLink::Aya(l)])
+            let mode = CgroupAttachMode::Single;
+            let link = if let Hook::SockAddr = spec.hook {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(wrong_type)?;
+                let id = p.attach(cgroup, mode).map_err(attach_err)?;
+                FdLink::try_from(p.take_link(id).map_err(attach_err)?)
+            } else {
+                let p: &mut CgroupSock = prog.try_into().map_err(wrong_type)?;
+                let id = p.attach(cgroup, mode).map_err(attach_err)?;
+                FdLink::try_from(p.take_link(id).map_err(attach_err)?)
+            };
+            link.map(|l| vec![AttachedLink::Aya(l)])
                 .map_err(|source| LoaderError::LinkNotPinnable { program, source })
         }
         Hook::Device => {
@@ -131,18 +143,6 @@ fn attach(
                 hook,
                 source,
             })
-        }
-        Hook::SockCreate => {
-            let p: &mut CgroupSock = prog.try_into().map_err(wrong_type)?;
-            let cgroup = open_cgroup_root(program, opts)?;
-            // A link (multi semantics), as for the sock_addr programs.
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link)
-                .map(|l| vec![AttachedLink::Aya(l)])
-                .map_err(|source| LoaderError::LinkNotPinnable { program, source })
         }
         Hook::Lsm(_) => {
             let p: &mut Lsm = prog.try_into().map_err(wrong_type)?;

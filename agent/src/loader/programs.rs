@@ -3,8 +3,8 @@
 
 use portcullis_common::{
     PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_LSM, PROG_EXEC_TP,
-    PROG_EXEC_TP_TWIN, PROG_OPEN_LSM, PROG_OPEN_TP, PROG_OPEN_TP_TWIN, PROG_SENDMSG4,
-    PROG_SENDMSG6, PROG_SOCK_CREATE,
+    PROG_EXEC_TP_TWIN, PROG_LINK_LSM, PROG_OPEN_LSM, PROG_OPEN_TP, PROG_OPEN_TP_TWIN,
+    PROG_RENAME_LSM, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE,
 };
 
 use super::{Backend, LoaderError};
@@ -51,6 +51,8 @@ pub(super) enum Action {
     Open,
     Device,
     Socket,
+    /// Renames and links of governed files.
+    Move,
     /// Not enforcement (cgroup_mkdir).
     Observe,
 }
@@ -63,6 +65,7 @@ impl Action {
             Self::Open => "open",
             Self::Device => "device",
             Self::Socket => "socket",
+            Self::Move => "move",
             Self::Observe => "observe",
         }
     }
@@ -220,6 +223,22 @@ pub(crate) const PROGRAMS: &[ProgramSpec] = &[
         Hook::SockCreate,
         Action::Socket,
         Backend::CgroupSock,
+        None,
+        false,
+    ),
+    spec(
+        PROG_RENAME_LSM,
+        Hook::Lsm("inode_rename"),
+        Action::Move,
+        Backend::Lsm,
+        None,
+        false,
+    ),
+    spec(
+        PROG_LINK_LSM,
+        Hook::Lsm("inode_link"),
+        Action::Move,
+        Backend::Lsm,
         None,
         false,
     ),

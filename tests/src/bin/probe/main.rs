@@ -11,7 +11,8 @@
 //! loopback up and ping sockets enabled, an ICMP datagram socket sends an
 //! echo request to 127.0.0.1 and reads the reply), `uring-open PATH`,
 //! `uring-socket raw|raw6|icmp|tcp` and `uring-connect IP PORT` (the same
-//! calls through io_uring, see `uring.rs`), and (with `PORTCULLIS_PROBE_UID=N` it switches to
+//! calls through io_uring, see `uring.rs`), `rename FROM TO`, `exchange A B`
+//! (`renameat2` with `RENAME_EXCHANGE`), `link FROM TO`, and (with `PORTCULLIS_PROBE_UID=N` it switches to
 //! uid and gid N after joining the cgroup)
 //! `hammer SECS ALLOW_IP ALLOW_PORT DENY_IP DENY_PORT ALLOW_FILE`: for SECS
 //! seconds, loops an allowed connect, a denied connect and an allowed read,
@@ -51,6 +52,26 @@ fn join_cgroup(dir: &str) -> std::io::Result<()> {
 fn addr(ip: &str, port: &str) -> SocketAddr {
     let ip: std::net::IpAddr = ip.parse().expect("ip");
     SocketAddr::new(ip, port.parse().expect("port"))
+}
+
+/// `renameat2(2)` with `flags`, by raw syscall (no libc wrapper needed).
+fn rename(from: &str, to: &str, flags: libc::c_uint) -> std::io::Result<usize> {
+    let (from, to) = (CString::new(from)?, CString::new(to)?);
+    // SAFETY: both paths are NUL-terminated and live across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(0)
 }
 
 fn read_all(path: &str) -> std::io::Result<usize> {
@@ -132,6 +153,9 @@ fn main() -> ExitCode {
         ),
         ("ping", []) => ping(),
         ("uring-open", [path]) => uring::open(path),
+        ("rename", [from, to]) => rename(from, to, 0),
+        ("exchange", [a, b]) => rename(a, b, libc::RENAME_EXCHANGE),
+        ("link", [from, to]) => std::fs::hard_link(from, to).map(|()| 0),
         ("uring-socket", [kind]) => {
             let (domain, ty, protocol) = match kind.as_str() {
                 "raw" => (libc::AF_INET, libc::SOCK_RAW, 253),
