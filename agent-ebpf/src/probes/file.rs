@@ -6,7 +6,7 @@
 //!
 //! io_uring opens (`IORING_OP_OPENAT`) reach `file_open` but make no open
 //! syscall, so the fallback would never see them: there, an identity with
-//! file rules may not set up a ring at all (`decide_ring`).
+//! file rules may not set up a ring at all (`try_ring`).
 //!
 //! Fail open: failed kernel reads, an fd beyond the table or a missing
 //! identity config allow the open and are counted in `COUNTER_ERR_OPEN`.
@@ -43,7 +43,7 @@ const NR_CREAT: u64 = 85;
 const NR_OPENAT: u64 = 257;
 const NR_OPEN_BY_HANDLE_AT: u64 = 304;
 const NR_OPENAT2: u64 = 437;
-/// Returns a ring's fd; decided by `decide_ring`.
+/// Returns a ring's fd; decided by `try_ring`.
 const NR_IO_URING_SETUP: u64 = 425;
 
 #[lsm(hook = "file_open")]

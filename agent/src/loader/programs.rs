@@ -192,7 +192,7 @@ pub(crate) const PROGRAMS: &[ProgramSpec] = &[
                 "sys_exit_open_by_handle_at",
                 "sys_exit_openat2",
                 // Not an open, but a ring's opens are invisible here: see
-                // `decide_ring` in the kernel program.
+                // `try_ring` in the kernel program.
                 "sys_exit_io_uring_setup",
             ],
         },
