@@ -33,10 +33,18 @@ pub const SOCKET_RAW: u8 = 1;
 pub const SOCKET_ICMP: u8 = 2;
 /// Any other IP protocol: SCTP, MPTCP, UDP-Lite, ...
 pub const SOCKET_INET_OTHER: u8 = 3;
+/// A packet socket (`AF_PACKET`): link-layer frames, addressed at will.
+/// Seen only by BPF-LSM `socket_create` ([`PROG_SOCKET_LSM`]).
+pub const SOCKET_PACKET: u8 = 4;
+
+/// BPF-LSM `socket_create`: packet sockets, which `sock_create` (inet only)
+/// never sees. No fallback.
+pub const PROG_SOCKET_LSM: &str = "socket_lsm";
 
 /// `socket()`'s address families the hooks tell apart.
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
+pub const AF_PACKET: u32 = 17;
 /// `socket()` types.
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;

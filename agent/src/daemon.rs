@@ -692,6 +692,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         open = kernel.backends.open.as_str(),
         device = kernel.backends.device.as_str(),
         socket = kernel.backends.socket.as_str(),
+        packet = kernel.backends.packet.as_str(),
         moves = kernel.backends.moves.as_str(),
         "enforcing"
     );

@@ -16,9 +16,9 @@ use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
     ACCESS_EXEC, ACCESS_LINK, ACCESS_MKNOD, ACCESS_READ, ACCESS_RENAME, ACCESS_WRITE,
     ACTION_CONNECT, ACTION_DEVICE, ACTION_EXEC, ACTION_MOVE, ACTION_OPEN, ACTION_SOCKET, AF_INET6,
-    DEVICE_BLOCK, EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event, MAX_PATH_DEPTH,
-    RULE_ID_DEFAULT, RULE_ID_IO_URING, RULE_ID_NO_WALK_SLOT, RULE_ID_TOO_DEEP, VERDICT_ALLOW,
-    VERDICT_AUDIT,
+    AF_PACKET, DEVICE_BLOCK, EVENT_CGROUP_MKDIR, EVENT_DECISION, EVENT_NAMES, Event,
+    MAX_PATH_DEPTH, RULE_ID_DEFAULT, RULE_ID_IO_URING, RULE_ID_NO_WALK_SLOT, RULE_ID_TOO_DEEP,
+    VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -124,7 +124,7 @@ pub enum Target {
     Socket {
         /// `raw`, `icmp` or `inet-other`: the kind a policy names.
         socket: &'static str,
-        /// `inet` or `inet6`.
+        /// `inet`, `inet6` or `packet`.
         family: &'static str,
         /// `socket()`'s type (`SOCK_RAW` = 3, ...) and protocol, as called.
         socket_type: u32,
@@ -533,10 +533,10 @@ pub fn decode(
     } else if ev.action == ACTION_SOCKET {
         Target::Socket {
             socket: crate::compile::sockets::kind_name(ev.proto),
-            family: if u32::from(ev.family) == AF_INET6 {
-                "inet6"
-            } else {
-                "inet"
+            family: match u32::from(ev.family) {
+                AF_INET6 => "inet6",
+                AF_PACKET => "packet",
+                _ => "inet",
             },
             socket_type: ev.access,
             ip_protocol: ev.port,

@@ -294,6 +294,8 @@ pub struct Backends {
     pub open: Backend,
     pub device: Backend,
     pub socket: Backend,
+    /// Packet sockets (BPF-LSM only).
+    pub packet: Backend,
     /// Renames and links of governed files (BPF-LSM only).
     pub moves: Backend,
 }
@@ -307,6 +309,7 @@ impl Backends {
             "open" => Some(&mut self.open),
             "device" => Some(&mut self.device),
             "socket" => Some(&mut self.socket),
+            "packet" => Some(&mut self.packet),
             "move" => Some(&mut self.moves),
             _ => None,
         }
@@ -450,6 +453,7 @@ pub fn load(opts: &LoadOptions) -> Result<Kernel, LoaderError> {
         open: Backend::None,
         device: Backend::None,
         socket: Backend::None,
+        packet: Backend::None,
         moves: Backend::None,
     };
     let mut pinned = Vec::new();

@@ -179,8 +179,8 @@ enum Command {
         /// A device open or mknod: `c MAJOR:MINOR` or `b MAJOR:MINOR`.
         #[arg(long, value_name = "DEVICE")]
         device: Option<String>,
-        /// A socket of a kind beyond TCP and UDP: `raw`, `icmp` or
-        /// `inet-other`, optionally `/inet6` (`raw/inet6`).
+        /// A socket of a kind beyond TCP and UDP: `raw`, `icmp`,
+        /// `inet-other` (optionally `/inet6`: `raw/inet6`) or `packet`.
         #[arg(long, value_name = "KIND")]
         socket: Option<String>,
         /// With --open: read, write or read_write; with --device also mknod.

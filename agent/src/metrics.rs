@@ -308,6 +308,7 @@ impl Metrics {
             ("open", b.open),
             ("device", b.device),
             ("socket", b.socket),
+            ("packet", b.packet),
             ("move", b.moves),
         ] {
             self.backend

@@ -13,16 +13,28 @@ use portcullis_tests::{
 /// speaks it, so what the listener hears came from the probe.
 const PROTO: &str = "253";
 
-/// A raw IPv4 listener for protocol 253 on loopback, in this (ungoverned)
-/// test process.
+/// A raw listener in this (ungoverned) test process: IPv4 protocol 253 on
+/// loopback, or (`packet`) frames of the probe's experimental ethertype.
 struct RawListener(std::os::fd::OwnedFd);
 
 impl RawListener {
     fn new() -> Self {
+        Self::open(libc::AF_INET, libc::SOCK_RAW, 253)
+    }
+
+    fn packet() -> Self {
+        Self::open(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM,
+            i32::from(0x88b5u16.to_be()),
+        )
+    }
+
+    fn open(domain: i32, ty: i32, protocol: i32) -> Self {
         use std::os::fd::FromRawFd as _;
         // SAFETY: plain syscalls; the descriptor is owned from here on.
         unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, 253);
+            let fd = libc::socket(domain, ty, protocol);
             assert!(fd >= 0, "raw listener: {}", std::io::Error::last_os_error());
             let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
             let timeout = libc::timeval {
@@ -310,4 +322,48 @@ fn a_governed_file_cannot_be_renamed_or_linked_out_of_its_subtree() {
         probe(&cg, &["rename", &t("pii/a"), &t("out/a")]),
         Outcome::Ok(0)
     );
+}
+
+#[test]
+fn default_deny_egress_refuses_packet_sockets_with_bpf_lsm() {
+    require_kernel!();
+    let listener = RawListener::packet();
+    let cg = Cgroup::create("redteam-packet");
+    let bystander = Cgroup::create("redteam-packet-bystander");
+    let nonce = portcullis_tests::unique("frame");
+    let mut agent = Agent::start(&network_policy(&cg, ""));
+    if agent.backend("packet") != "lsm" {
+        portcullis_tests::skip("packet sockets are governed with BPF-LSM only");
+        return;
+    }
+
+    // A packet socket sends frames below IP, past every egress hook.
+    let denied = format!("{nonce}-denied");
+    assert_eq!(probe(&cg, &["packet-send", &denied]), Outcome::Errno(EPERM));
+    let neighbour = format!("{nonce}-neighbour");
+    assert!(matches!(
+        probe(&bystander, &["packet-send", &neighbour]),
+        Outcome::Ok(_)
+    ));
+    assert!(listener.heard(&neighbour, Duration::from_secs(2)));
+    assert!(!listener.heard(&denied, Duration::from_millis(300)));
+    let d = agent.wait_decision("packet socket deny line", |d| {
+        d["action"] == "socket" && d["target"]["socket"] == "packet"
+    });
+    assert_eq!(d["verdict"], "deny");
+    assert_eq!(d["backend"], "lsm");
+    assert_eq!(d["target"]["family"], "packet");
+    assert_eq!(d["rule"], "default");
+
+    // Allowed by name, the frame goes out.
+    assert!(agent.reload(&network_policy(
+        &cg,
+        "    sockets:\n      allow: [packet]\n"
+    )));
+    let allowed = format!("{nonce}-allowed");
+    assert!(matches!(
+        probe(&cg, &["packet-send", &allowed]),
+        Outcome::Ok(_)
+    ));
+    assert!(listener.heard(&allowed, Duration::from_secs(2)));
 }

@@ -134,7 +134,7 @@ fn schemas_and_validate_agree_on_the_bundled_and_on_broken_documents() {
             "{head}{sel}  network:\n    egress:\n      deny:\n        - {{ cidr: 10.0.0.0/8, ports: [0] }}\n"
         ),
         format!("{head}{sel}  devices:\n    allow:\n      - {{ kind: nvidia-gpus }}\n"),
-        format!("{head}{sel}  network:\n    sockets:\n      allow: [packet]\n"),
+        format!("{head}{sel}  network:\n    sockets:\n      allow: [netlink]\n"),
         format!("{head}{sel}  exec:\n    default: sometimes\n"),
         format!(
             "apiVersion: portcullis.dev/v2\nkind: HostPolicy\nmetadata:\n  name: broken\n{sel}  exec:\n    default: deny\n"

@@ -4,14 +4,21 @@
 //! fails the call with EPERM, on every kernel, LSM or not. TCP and UDP
 //! sockets pass untouched: their traffic is decided at connect and send.
 //!
+//! Packet sockets (`AF_PACKET`) are made outside the inet families, so
+//! `sock_create` never sees them: BPF-LSM `socket_create` (`socket_lsm`)
+//! decides those, by the same rules. Without BPF-LSM they are not governed.
+//!
 //! Fail open: a missing identity config allows and is counted in
 //! `COUNTER_ERR_SOCKET`, as the other cgroup hooks do.
 
-use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
+use aya_ebpf::{
+    macros::{cgroup_sock, lsm},
+    programs::{LsmContext, SockContext},
+};
 use portcullis_common::{
-    ACCESS_CREATE, ACTION_SOCKET, BACKEND_CGROUP_SOCK, COUNTER_ERR_SOCKET, DEVICE_CLASS_SOCKET,
-    DeviceKey, HAS_SOCKETS, IDENTITY_UNRESTRICTED, IdentityConfig, VERDICT_ALLOW, VERDICT_DENY,
-    inet_kind,
+    ACCESS_CREATE, ACTION_SOCKET, AF_PACKET, BACKEND_CGROUP_SOCK, BACKEND_LSM, COUNTER_ERR_SOCKET,
+    DEVICE_CLASS_SOCKET, DeviceKey, HAS_SOCKETS, IDENTITY_UNRESTRICTED, IdentityConfig,
+    SOCKET_PACKET, VERDICT_ALLOW, VERDICT_DENY, inet_kind,
 };
 
 use crate::{
@@ -48,7 +55,64 @@ fn try_sock_create(ctx: &SockContext) -> Result<u8, ()> {
     }
     let cfg = identity::config(id).ok_or(())?;
     let d = decide(id, cfg, family, kind);
-    report(cgid, id, cfg, &d, family, ty, protocol, kind);
+    report(
+        BACKEND_CGROUP_SOCK,
+        cgid,
+        id,
+        cfg,
+        &d,
+        family,
+        ty,
+        protocol,
+        kind,
+    );
+    Ok(d.verdict)
+}
+
+/// `socket_create(family, type, protocol, kern)`: packet sockets.
+#[lsm(hook = "socket_create")]
+pub fn socket_lsm(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(4);
+    if previous != 0 {
+        return previous;
+    }
+    let (family, ty, protocol, kern): (i32, i32, i32, i32) =
+        (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    // The kernel's own sockets are not the workload's doing.
+    if kern != 0 || family as u32 != AF_PACKET {
+        return 0;
+    }
+    match try_packet(ty as u32, protocol as u32) {
+        // An exact constant, as in `open_lsm`.
+        Ok(VERDICT_DENY) => -1,
+        Ok(_) => 0,
+        Err(()) => {
+            count(COUNTER_ERR_SOCKET);
+            0
+        }
+    }
+}
+
+#[inline(always)]
+fn try_packet(ty: u32, protocol: u32) -> Result<u8, ()> {
+    let (cgid, id) = identity::current();
+    if id == IDENTITY_UNRESTRICTED {
+        count_decision(ACTION_SOCKET, VERDICT_ALLOW);
+        return Ok(VERDICT_ALLOW);
+    }
+    let cfg = identity::config(id).ok_or(())?;
+    let d = decide(id, cfg, AF_PACKET, SOCKET_PACKET);
+    report(
+        BACKEND_LSM,
+        cgid,
+        id,
+        cfg,
+        &d,
+        AF_PACKET,
+        ty,
+        protocol,
+        SOCKET_PACKET,
+    );
     Ok(d.verdict)
 }
 
@@ -72,6 +136,7 @@ pub fn decide(id: u32, cfg: &IdentityConfig, family: u32, kind: u8) -> Decision 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn report(
+    backend: u8,
     cgid: u64,
     id: u32,
     cfg: &IdentityConfig,
@@ -81,7 +146,7 @@ pub fn report(
     protocol: u32,
     kind: u8,
 ) {
-    decision::report(ACTION_SOCKET, BACKEND_CGROUP_SOCK, id, cgid, cfg, d, |e| {
+    decision::report(ACTION_SOCKET, backend, id, cgid, cfg, d, |e| {
         e.family = family as u8;
         e.proto = kind;
         e.access = ty;

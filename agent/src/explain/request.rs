@@ -148,18 +148,24 @@ impl Request {
             "socket" => {
                 let name = s("/target/socket").ok_or("no target.socket")?;
                 let kind = crate::policy::SocketKind::from_name(&name).ok_or_else(|| {
-                    format!("target.socket {name}: expected raw, icmp or inet-other")
+                    format!("target.socket {name}: expected raw, icmp, inet-other or packet")
                 })?;
-                let inet6 = s("/target/family").as_deref() == Some("inet6");
-                let family = if inet6 { AF_INET6 } else { AF_INET };
+                let named = s("/target/family");
+                let family = match (kind.families(), named.as_deref()) {
+                    (&[only], _) => only,
+                    (_, Some("inet6")) => AF_INET6,
+                    _ => AF_INET,
+                };
                 let a = Action::Socket {
                     family,
                     kind: kind.wire(),
                 };
-                (
-                    a,
-                    format!("{name} ({})", if inet6 { "inet6" } else { "inet" }),
-                )
+                let shown = match family {
+                    AF_INET6 => "inet6",
+                    AF_INET => "inet",
+                    _ => "packet",
+                };
+                (a, format!("{name} ({shown})"))
             }
             _ => return Ok(None),
         };

@@ -4,7 +4,7 @@
 use portcullis_common::{
     PROG_CGROUP_MKDIR, PROG_CONNECT4, PROG_CONNECT6, PROG_DEVICE, PROG_EXEC_LSM, PROG_EXEC_TP,
     PROG_EXEC_TP_TWIN, PROG_LINK_LSM, PROG_OPEN_LSM, PROG_OPEN_TP, PROG_OPEN_TP_TWIN,
-    PROG_RENAME_LSM, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE,
+    PROG_RENAME_LSM, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, PROG_SOCKET_LSM,
 };
 
 use super::{Backend, LoaderError};
@@ -51,6 +51,8 @@ pub(super) enum Action {
     Open,
     Device,
     Socket,
+    /// Packet sockets (BPF-LSM only; `Socket` is the inet kinds).
+    Packet,
     /// Renames and links of governed files.
     Move,
     /// Not enforcement (cgroup_mkdir).
@@ -65,6 +67,7 @@ impl Action {
             Self::Open => "open",
             Self::Device => "device",
             Self::Socket => "socket",
+            Self::Packet => "packet",
             Self::Move => "move",
             Self::Observe => "observe",
         }
@@ -223,6 +226,14 @@ pub(crate) const PROGRAMS: &[ProgramSpec] = &[
         Hook::SockCreate,
         Action::Socket,
         Backend::CgroupSock,
+        None,
+        false,
+    ),
+    spec(
+        PROG_SOCKET_LSM,
+        Hook::Lsm("socket_create"),
+        Action::Packet,
+        Backend::Lsm,
         None,
         false,
     ),

@@ -4,7 +4,7 @@
 //! "nothing leaves except what egress allows" then holds for raw IP and
 //! ICMP sockets too, which pass the connect and send hooks unseen.
 
-use portcullis_common::{SOCKET_ICMP, SOCKET_INET_OTHER, SOCKET_RAW};
+use portcullis_common::{SOCKET_ICMP, SOCKET_INET_OTHER, SOCKET_PACKET, SOCKET_RAW};
 
 use super::DefaultAction;
 
@@ -29,13 +29,17 @@ pub enum SocketKind {
     Icmp,
     /// Any other IP protocol: SCTP, MPTCP, UDP-Lite.
     InetOther,
+    /// Packet sockets (`AF_PACKET`): link-layer frames. Refused with
+    /// BPF-LSM only.
+    Packet,
 }
 
 impl SocketKind {
-    pub const ALL: [(&'static str, SocketKind); 3] = [
+    pub const ALL: [(&'static str, SocketKind); 4] = [
         ("raw", Self::Raw),
         ("icmp", Self::Icmp),
         ("inet-other", Self::InetOther),
+        ("packet", Self::Packet),
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +55,7 @@ impl SocketKind {
             Self::Raw => SOCKET_RAW,
             Self::Icmp => SOCKET_ICMP,
             Self::InetOther => SOCKET_INET_OTHER,
+            Self::Packet => SOCKET_PACKET,
         }
     }
 
@@ -65,8 +70,11 @@ impl SocketKind {
 
     /// The address families the kind's rules are written under.
     pub fn families(self) -> &'static [u32] {
-        use portcullis_common::{AF_INET, AF_INET6};
-        &[AF_INET, AF_INET6]
+        use portcullis_common::{AF_INET, AF_INET6, AF_PACKET};
+        match self {
+            Self::Packet => &[AF_PACKET],
+            _ => &[AF_INET, AF_INET6],
+        }
     }
 }
 

@@ -1395,9 +1395,9 @@ fn sockets_follow_the_egress_default_unless_written() {
         })
     );
     assert_spec_error(
-        "  network:\n    sockets:\n      allow: [packet]\n",
+        "  network:\n    sockets:\n      allow: [netlink]\n",
         10,
         "spec.network.sockets.allow[0]",
-        "unknown socket kind 'packet', expected raw, icmp or inet-other",
+        "unknown socket kind 'netlink', expected raw, icmp, inet-other or packet",
     );
 }

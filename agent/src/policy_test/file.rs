@@ -338,9 +338,11 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile, Vec<PolicyError>> {
                 },
             },
             (None, None, None, None, Some(sk)) => Request::Socket {
-                family: match sk.family {
-                    Family::Inet => AF_INET,
-                    Family::Inet6 => AF_INET6,
+                // A packet socket has one family; `family` is for IP kinds.
+                family: match (sk.kind.families(), sk.family) {
+                    (&[only], _) => only,
+                    (_, Family::Inet) => AF_INET,
+                    (_, Family::Inet6) => AF_INET6,
                 },
                 kind: sk.kind.wire(),
             },

@@ -9,7 +9,8 @@
 //! node), `raw-send IP PROTO PAYLOAD` (a raw IP socket of protocol PROTO
 //! sends PAYLOAD to IP), `ping` (in a network namespace of its own, with
 //! loopback up and ping sockets enabled, an ICMP datagram socket sends an
-//! echo request to 127.0.0.1 and reads the reply), `uring-open PATH`,
+//! echo request to 127.0.0.1 and reads the reply), `packet-send PAYLOAD`
+//! (a packet socket sends PAYLOAD as one frame out of loopback), `uring-open PATH`,
 //! `uring-socket raw|raw6|icmp|tcp` and `uring-connect IP PORT` (the same
 //! calls through io_uring, see `uring.rs`), `rename FROM TO`, `exchange A B`
 //! (`renameat2` with `RENAME_EXCHANGE`), `link FROM TO`, and (with `PORTCULLIS_PROBE_UID=N` it switches to
@@ -152,6 +153,7 @@ fn main() -> ExitCode {
             payload.as_bytes(),
         ),
         ("ping", []) => ping(),
+        ("packet-send", [payload]) => packet_send(payload.as_bytes()),
         ("uring-open", [path]) => uring::open(path),
         ("rename", [from, to]) => rename(from, to, 0),
         ("exchange", [a, b]) => rename(a, b, libc::RENAME_EXCHANGE),
@@ -286,6 +288,40 @@ fn raw_send(ip: std::net::IpAddr, proto: i32, payload: &[u8]) -> std::io::Result
             0,
             (&raw const sa).cast(),
             len,
+        ));
+        libc::close(fd);
+        sent
+    }
+}
+
+/// An experimental ethertype (IEEE 802 local use): nothing else on the
+/// host sends it, so what a packet listener hears came from the probe.
+const ETH_P_EXPERIMENTAL: u16 = 0x88b5;
+
+/// A packet socket (`AF_PACKET`, cooked) sends `payload` as one frame of
+/// `ETH_P_EXPERIMENTAL` out of loopback.
+fn packet_send(payload: &[u8]) -> std::io::Result<usize> {
+    let proto = ETH_P_EXPERIMENTAL.to_be();
+    // SAFETY: plain syscalls on a descriptor this function owns; the
+    // address is a zeroed sockaddr_ll with the fields sendto reads set.
+    unsafe {
+        let fd = check(libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM,
+            i32::from(proto),
+        ))?;
+        let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = libc::if_nametoindex(c"lo".as_ptr()) as i32;
+        sa.sll_halen = 6;
+        let sent = check_len(libc::sendto(
+            fd,
+            payload.as_ptr().cast(),
+            payload.len(),
+            0,
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
         ));
         libc::close(fd);
         sent
